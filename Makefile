@@ -1,0 +1,39 @@
+# The few commands a contributor needs. Everything installs into .venv from the repo alone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-slow lint fmt bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: install            ## migrate, run demo jobs through a worker, show the queue
+	$(VENV)/bin/embedq demo
+
+test: install           ## the default suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install      ## opt-in soak and chaos tests
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+fmt: install
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+bench: install
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) bench/queue.py --json bench/results/queue.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,82 @@
+"""`embedq worker` and `embedq demo`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from embedq.cli.common import console, print_json, state, table
+from embedq.jobs import JobSpec
+from embedq.worker import Worker
+
+
+def worker(
+    ctx: typer.Context,
+    queues: str | None = typer.Option(
+        None, "--queues", "-q", help="Comma-separated queues to serve, in no particular order "
+        "(priority orders jobs); default: all queues."
+    ),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", min=1, max=10_000, help="Jobs run at once (default 10)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, max=10_000, help="Most jobs claimed per round trip."
+    ),
+    app_path: str | None = typer.Option(
+        None, "--app", help="Your App as 'package.module:app' (EMBEDQ_APP)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Worker name (default host:pid)."),
+    no_migrate: bool = typer.Option(
+        False, "--no-migrate", help="Do not apply pending migrations at start; refuse instead."
+    ),
+    exit_when_idle: bool = typer.Option(
+        False, "--exit-when-idle", help="Exit once no job is pending or running."
+    ),
+) -> None:
+    """Run a worker until SIGTERM/SIGINT (a second signal stops at once)."""
+    extra = {"app": app_path, "worker_queues": queues}
+    app = state(ctx).app(**{k: v for k, v in extra.items() if v is not None})
+    w = Worker(
+        app,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        name=name,
+        migrate=False if no_migrate else None,
+        exit_when_idle=exit_when_idle,
+    )
+    asyncio.run(w.run())
+
+
+def demo(
+    ctx: typer.Context,
+    jobs: int = typer.Option(200, "--jobs", min=1, max=1_000_000, help="Demo jobs to run."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final status as JSON."),
+) -> None:
+    """Quick start: migrate, enqueue demo jobs, run a worker until they are done, show the queue."""
+    st = state(ctx)
+
+    async def go() -> dict[str, object]:
+        app = st.app()
+        await app.open(migrate=True)
+        try:
+            specs = [JobSpec("embedq.echo", {"n": i}, priority=i % 3) for i in range(jobs - 1)]
+            specs.append(JobSpec("embedq.sleep", {"seconds": 0.2}, queue="low"))
+            await app.enqueue(specs)
+            console.print(f"enqueued {jobs} demo jobs; running a worker until they are done...")
+            w = Worker(app, concurrency=20, exit_when_idle=True, install_signals=False)
+            await w.run()
+            [overview] = await app.store.fetch("queue_overview", {"dead_after_s": 60})
+            counts = await app.store.fetch("counts", {"window_s": 3600})
+            return {"processed": w.processed, "overview": overview, "by_queue": counts}
+        finally:
+            await app.close()
+
+    result = asyncio.run(go())
+    if json_out:
+        print_json(result)
+        return
+    console.print(f"[green]done:[/] {result['processed']} jobs succeeded")
+    table("jobs by queue (last hour)", result["by_queue"])  # type: ignore[arg-type]
+    console.print("next: `embedq worker` runs a long-lived worker; `embedq queue status` shows "
+                  "the queue; see docs/queue.md")
