@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -105,7 +106,7 @@ class App:
                 base_s=s.retry_base_s,
                 cap_s=max(s.retry_cap_s, s.retry_base_s),
             )
-            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            task_name = name or re.sub(r"[^A-Za-z0-9_.:-]", "", f"{f.__module__}.{f.__qualname__}")
             if task_name in self.tasks:
                 raise InvalidJob(f"a task named {task_name!r} is already registered")
             t = Task(
