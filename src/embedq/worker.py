@@ -212,8 +212,8 @@ class Worker:
                     await asyncio.wait_for(self._wake.wait(), self.app.settings.poll_interval_s)
 
     async def _queue_empty(self) -> bool:
-        [row] = await self.store.fetch("queue_overview", {"dead_after_s": 3600})
-        return int(row["pending"]) == 0 and int(row["running"]) == 0
+        [row] = await self.store.fetch("work_left", {"queues": self.queues})
+        return int(row["n"]) == 0
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -420,3 +420,9 @@ SELECT date_trunc('minute', finished_at) AS minute, state::text AS state, count(
 FROM {schema}.jobs_archive
 WHERE finished_at > now() - make_interval(secs => %(window_s)s)
 GROUP BY 1, 2 ORDER BY 1 DESC, 2;
+
+-- name: work_left
+-- Pending or running jobs a worker serving these queues could still get (paused queues aside).
+SELECT count(*) AS n FROM {schema}.jobs j
+WHERE (%(queues)s::text[] IS NULL OR j.queue = ANY(%(queues)s::text[]))
+  AND j.queue NOT IN (SELECT name FROM {schema}.queues WHERE paused);
