@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-slow lint fmt bench clean
+.PHONY: install run test test-slow lint fmt docs bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: install
 fmt: install
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
+
+docs: install          ## regenerate docs/cli.md and docs/settings.md
+	$(VENV)/bin/typer embedq.cli utils docs --name embedq --output docs/cli.md
+	$(PY) scripts/gen_settings_doc.py
 
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'

@@ -139,8 +139,11 @@ class App:
             raise RuntimeError("the app is not open: use `async with app:` or `await app.open()`")
         return self._store
 
-    async def open(self, *, migrate: bool = False, pool_size: int = 10) -> App:
-        """Connect, migrate if asked (else check the schema is current), load stored settings."""
+    async def open(self, *, migrate: bool | None = None, pool_size: int = 10) -> App:
+        """Connect, apply pending migrations (unless `migrate=False` or the auto_migrate
+        setting is off: then only check the schema is current), load stored settings."""
+        if migrate is None:
+            migrate = self.settings.auto_migrate
         if self.pool is not None:
             return self
         async with db.connect(self.settings) as conn:
