@@ -1,6 +1,6 @@
 """Write docs/settings.md from the settings model (a test keeps it current).
 
-    python scripts/gen_settings_doc.py
+python scripts/gen_settings_doc.py
 """
 
 from __future__ import annotations

@@ -100,12 +100,17 @@ def cli_env(db_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 120, input: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 120, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the `embedq` CLI as a subprocess, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "embedq", *args], env=env, capture_output=True, text=True,
-        timeout=timeout, input=input,
+        [sys.executable, "-m", "embedq", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 

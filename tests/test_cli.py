@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-
 from tests.conftest import cli_env, run_cli
 
 
@@ -36,8 +35,16 @@ def test_queue_commands_print_valid_json(db_url: str) -> None:
     ok(run_cli("worker", "--exit-when-idle", env=env))
     status = json.loads(ok(run_cli("queue", "status", "--json", env=env)))
     assert status["overview"]["dead"] == 1 and status["queues"]["default"]["succeeded_1h"] == 3
-    for args in (["stats"], ["recent", "--limit", "5"], ["failed", "--details"], ["stuck"],
-                 ["workers"], ["metrics"], ["cleanup", "--days", "30"], ["health"]):
+    for args in (
+        ["stats"],
+        ["recent", "--limit", "5"],
+        ["failed", "--details"],
+        ["stuck"],
+        ["workers"],
+        ["metrics"],
+        ["cleanup", "--days", "30"],
+        ["health"],
+    ):
         out = json.loads(ok(run_cli("queue", *args, "--json", env=env)))
         assert out is not None
     failed = json.loads(ok(run_cli("queue", "failed", "--json", env=env)))
@@ -77,7 +84,13 @@ def test_pause_resume_and_clear(db_url: str) -> None:
     assert status["queues"]["low"] == {**status["queues"]["low"], "paused": True, "pending": 2}
     ok(run_cli("queue", "resume", "low", env=env))
     failed_cleanly(run_cli("queue", "clear", env=env), "--yes")
-    assert json.loads(ok(run_cli("queue", "clear", "--confirm", "--json", env=env))) == {"cleared": 2}
+    assert json.loads(ok(run_cli("queue", "clear", "--confirm", "--json", env=env))) == {
+        "cleared": 2
+    }
+    back = json.loads(
+        ok(run_cli("queue", "retry", "--cancelled", "--queue", "low", "--yes", "--json", env=env))
+    )
+    assert len(back["retried"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -128,7 +141,10 @@ def test_settings_show_sources_and_keep_secrets_secret(db_url: str) -> None:
     ok(run_cli("settings", "set", "worker_queues", "high,default", env=env))
     ok(run_cli("settings", "set", "openai_api_key", "sk-very-secret-value", env=env))
     rows = {r["name"]: r for r in json.loads(ok(run_cli("settings", "list", "--json", env=env)))}
-    assert (rows["worker_concurrency"]["value"], rows["worker_concurrency"]["source"]) == (25, "database")
+    assert (rows["worker_concurrency"]["value"], rows["worker_concurrency"]["source"]) == (
+        25,
+        "database",
+    )
     assert rows["worker_queues"]["value"] == ["high", "default"]
     assert (rows["poll_interval_s"]["value"], rows["poll_interval_s"]["source"]) == (7, "env")
     assert (rows["lease_s"]["source"]) == "default"
@@ -139,11 +155,15 @@ def test_settings_show_sources_and_keep_secrets_secret(db_url: str) -> None:
     # a flag beats the environment
     flagged = run_cli("--log-level", "warning", "settings", "get", "log_level", env=env)
     assert "WARNING" in ok(flagged) and "cli" in flagged.stdout
-    everything = run_cli("settings", "list", env=env).stdout + run_cli("settings", "list", "--json", env=env).stdout
+    everything = (
+        run_cli("settings", "list", env=env).stdout
+        + run_cli("settings", "list", "--json", env=env).stdout
+    )
     assert "sk-very-secret-value" not in everything and key not in everything
     with psycopg.connect(db_url) as conn:
         [(stored, encrypted)] = conn.execute(
-            "SELECT value::text, encrypted FROM embedq.settings WHERE name = 'openai_api_key'").fetchall()
+            "SELECT value::text, encrypted FROM embedq.settings WHERE name = 'openai_api_key'"
+        ).fetchall()
     assert encrypted and "sk-very-secret" not in stored
     ok(run_cli("settings", "unset", "worker_concurrency", env=env))
     got = json.loads(ok(run_cli("settings", "get", "worker_concurrency", "--json", env=env)))
@@ -152,16 +172,32 @@ def test_settings_show_sources_and_keep_secrets_secret(db_url: str) -> None:
 
 def test_secrets_need_a_key_and_the_right_key(db_url: str) -> None:
     env = cli_env(db_url)
-    failed_cleanly(run_cli("settings", "set", "openai_api_key", "sk-1", env=env),
-                   "EMBEDQ_SECRET_KEY is not set", "embedq settings gen-key")
-    failed_cleanly(run_cli("settings", "set", "openai_api_key", "sk-1",
-                           env=cli_env(db_url, EMBEDQ_SECRET_KEY="short")),
-                   "not a valid Fernet key")
+    failed_cleanly(
+        run_cli("settings", "set", "openai_api_key", "sk-1", env=env),
+        "EMBEDQ_SECRET_KEY is not set",
+        "embedq settings gen-key",
+    )
+    failed_cleanly(
+        run_cli(
+            "settings",
+            "set",
+            "openai_api_key",
+            "sk-1",
+            env=cli_env(db_url, EMBEDQ_SECRET_KEY="short"),
+        ),
+        "not a valid Fernet key",
+    )
     key1 = run_cli("settings", "gen-key", env=env).stdout.strip()
     key2 = run_cli("settings", "gen-key", env=env).stdout.strip()
-    ok(run_cli("settings", "set", "openai_api_key", "sk-1", env=cli_env(db_url, EMBEDQ_SECRET_KEY=key1)))
-    err = failed_cleanly(run_cli("settings", "list", env=cli_env(db_url, EMBEDQ_SECRET_KEY=key2)),
-                         "cannot be decrypted")
+    ok(
+        run_cli(
+            "settings", "set", "openai_api_key", "sk-1", env=cli_env(db_url, EMBEDQ_SECRET_KEY=key1)
+        )
+    )
+    err = failed_cleanly(
+        run_cli("settings", "list", env=cli_env(db_url, EMBEDQ_SECRET_KEY=key2)),
+        "cannot be decrypted",
+    )
     assert "sk-1" not in err
 
 
@@ -178,7 +214,9 @@ def test_stored_settings_reach_the_worker(db_url: str) -> None:
 
 def test_unreachable_server_is_one_line(db_url: str) -> None:
     env = cli_env("postgresql://app:pw@127.0.0.1:1/app", EMBEDQ_CONNECT_TIMEOUT_S="2")
-    err = failed_cleanly(run_cli("queue", "status", env=env), "cannot reach PostgreSQL at app@127.0.0.1:1/app")
+    err = failed_cleanly(
+        run_cli("queue", "status", env=env), "cannot reach PostgreSQL at app@127.0.0.1:1/app"
+    )
     assert "pw" not in err.replace("password", "")
 
 
@@ -214,8 +252,9 @@ def fake_pg_rejecting_password() -> Iterator[int]:
                 (plen,) = struct.unpack("!i", read_exact(conn, 4))
                 read_exact(conn, plen - 4)
                 assert kind == b"p"
-                fields = (b"SFATAL\0VFATAL\0C28P01\0"
-                          b'Mpassword authentication failed for user "app"\0\0')
+                fields = (
+                    b'SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user "app"\0\0'
+                )
                 conn.sendall(b"E" + struct.pack("!i", len(fields) + 4) + fields)
             except (ConnectionError, OSError, AssertionError):
                 pass
@@ -239,6 +278,9 @@ def fake_pg_rejecting_password() -> Iterator[int]:
 
 def test_wrong_password_is_one_line(fake_pg_rejecting_password: int) -> None:
     url = f"postgresql://app:wrong-pw@127.0.0.1:{fake_pg_rejecting_password}/app?sslmode=disable"
-    err = failed_cleanly(run_cli("db", "upgrade", env=cli_env(url)),
-                         "rejected the credentials", "EMBEDQ_DATABASE_URL")
+    err = failed_cleanly(
+        run_cli("db", "upgrade", env=cli_env(url)),
+        "rejected the credentials",
+        "EMBEDQ_DATABASE_URL",
+    )
     assert "wrong-pw" not in err

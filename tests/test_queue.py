@@ -10,12 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from tests.conftest import drain
 
 import embedq
 from embedq import JobSpec, PermanentError, RetryPolicy
 from embedq.errors import InvalidJob, UnknownQueue
 from embedq.jobs import in_seconds
-from tests.conftest import drain
 
 
 async def register_worker(app: embedq.App, name: str = "test") -> int:
@@ -39,10 +39,14 @@ async def count(app: embedq.App, table: str, where: str = "true", *params: Any) 
 
 
 async def test_enqueue_and_claim_by_priority_then_run_at(app: embedq.App) -> None:
-    await app.enqueue([JobSpec("embedq.noop", {"n": 1}, priority=0),
-                       JobSpec("embedq.noop", {"n": 2}, priority=5),
-                       JobSpec("embedq.noop", {"n": 3}, priority=5),
-                       JobSpec("embedq.noop", {"n": 4}, priority=0, run_at=in_seconds(3600))])
+    await app.enqueue(
+        [
+            JobSpec("embedq.noop", {"n": 1}, priority=0),
+            JobSpec("embedq.noop", {"n": 2}, priority=5),
+            JobSpec("embedq.noop", {"n": 3}, priority=5),
+            JobSpec("embedq.noop", {"n": 4}, priority=0, run_at=in_seconds(3600)),
+        ]
+    )
     wid = await register_worker(app)
     jobs = await app.store.claim(wid, 10)
     assert [j.args["n"] for j in jobs] == [2, 3, 1]  # the delayed job is not due
@@ -66,7 +70,9 @@ async def test_dedup_key_coalesces_into_the_pending_job(app: embedq.App) -> None
     [row] = await sql(app, "SELECT args, priority FROM embedq.jobs")
     assert row["args"] == {"v": 2} and row["priority"] == 9
     # a burst in one batch coalesces too
-    burst = await app.enqueue([JobSpec("embedq.echo", {"v": i}, dedup_key="doc:2") for i in range(50)])
+    burst = await app.enqueue(
+        [JobSpec("embedq.echo", {"v": i}, dedup_key="doc:2") for i in range(50)]
+    )
     assert len({t.id for t in burst}) == 1 and sum(not t.coalesced for t in burst) == 1
     assert await count(app, "jobs") == 2
     # once claimed (running), a new enqueue makes a new pending job
@@ -88,15 +94,19 @@ async def test_concurrent_duplicate_enqueues_keep_one_pending_job(app: embedq.Ap
 
 async def test_lock_key_allows_one_running_job(app: embedq.App) -> None:
     """Invariant 3 at the claim: a batch takes one job per lock key, and none while one runs."""
-    await app.enqueue([JobSpec("embedq.noop", {"i": i}, lock_key="biz:1") for i in range(5)]
-                      + [JobSpec("embedq.noop", {"i": 9}, lock_key="biz:2")])
+    await app.enqueue(
+        [JobSpec("embedq.noop", {"i": i}, lock_key="biz:1") for i in range(5)]
+        + [JobSpec("embedq.noop", {"i": 9}, lock_key="biz:2")]
+    )
     w1, w2 = await register_worker(app, "a"), await register_worker(app, "b")
     first = await app.store.claim(w1, 10)
     assert sorted(j.lock_key or "" for j in first) == ["biz:1", "biz:2"]
     assert await app.store.claim(w2, 10) == []
     await app.store.complete(w1, [first[0].id], [None], [None])
     nxt = await app.store.claim(w2, 10)
-    assert [j.lock_key for j in nxt] == [first[0].lock_key] if first[0].lock_key == "biz:1" else True
+    assert (
+        [j.lock_key for j in nxt] == [first[0].lock_key] if first[0].lock_key == "biz:1" else True
+    )
 
 
 async def test_database_enforces_one_running_job_per_lock_key(app: embedq.App) -> None:
@@ -146,7 +156,7 @@ async def test_transient_failures_retry_with_growing_delays_then_die(app: embedq
     gaps = []
     starts = [e["at"] for e in events if e["event"] == "started"]
     fails = [e["at"] for e in events if e["event"] == "failed"]
-    for fail, start in zip(fails, starts[1:]):
+    for fail, start in zip(fails, starts[1:], strict=False):
         gaps.append((start - fail).total_seconds())
     # equal jitter: the delay after attempt n is at least base * 2**(n-1) / 2
     for n, gap in enumerate(gaps, start=1):
@@ -166,8 +176,14 @@ async def test_permanent_error_dead_letters_at_once(app: embedq.App) -> None:
     await ok.defer_many_async([{"x": i} for i in range(5)])
     await drain(app)
     assert calls == [1]
-    [row] = await sql(app, "SELECT state, attempts, last_error FROM embedq.jobs_archive WHERE id = %s", bad.id)
-    assert row["state"] == "dead" and row["attempts"] == 1 and "EMBEDQ_EMBEDDING_MODEL" in row["last_error"]
+    [row] = await sql(
+        app, "SELECT state, attempts, last_error FROM embedq.jobs_archive WHERE id = %s", bad.id
+    )
+    assert (
+        row["state"] == "dead"
+        and row["attempts"] == 1
+        and "EMBEDQ_EMBEDDING_MODEL" in row["last_error"]
+    )
     assert await count(app, "jobs_archive", "state = 'succeeded'") == 5
 
 
@@ -184,7 +200,9 @@ async def test_arguments_that_do_not_fit_the_function_dead_letter_clearly(app: e
 
 
 async def test_timeout_counts_as_a_transient_failure(app: embedq.App) -> None:
-    @app.task(name="t.slow", timeout=0.1, retry=RetryPolicy(max_attempts=2, base_s=0.01, cap_s=0.02))
+    @app.task(
+        name="t.slow", timeout=0.1, retry=RetryPolicy(max_attempts=2, base_s=0.01, cap_s=0.02)
+    )
     async def slow() -> None:
         await asyncio.sleep(5)
 
@@ -223,7 +241,7 @@ async def test_expired_lease_on_the_last_attempt_dead_letters(app: embedq.App) -
 async def test_heartbeat_renews_leases_of_held_jobs_only(app: embedq.App) -> None:
     await app.enqueue([JobSpec("embedq.noop"), JobSpec("embedq.noop")])
     wid = await register_worker(app)
-    a, b = await app.store.claim(wid, 2)
+    a, _b = await app.store.claim(wid, 2)
     await sql(app, "UPDATE embedq.jobs SET lease_expires_at = now() - interval '1 s'")
     assert await app.store.heartbeat(wid, [a.id], "running") == {a.id}
     assert await app.store.reclaim_expired() == {"requeued": 1, "dead": 0}
@@ -257,7 +275,7 @@ async def test_retry_dead_jobs_by_filter(app: embedq.App) -> None:
 async def test_retry_keeps_dedup_invariant(app: embedq.App) -> None:
     [t] = await app.enqueue([JobSpec("embedq.noop", dedup_key="d")])
     await app.store.cancel([t.id])
-    [t2] = await app.enqueue([JobSpec("embedq.noop", dedup_key="d")])
+    [_t2] = await app.enqueue([JobSpec("embedq.noop", dedup_key="d")])
     assert await app.store.retry([t.id]) == [t.id]
     assert await count(app, "jobs", "dedup_key = 'd' AND state = 'pending'") == 1
     assert await count(app, "jobs") == 2  # the retried job kept its place, not its key
@@ -309,10 +327,14 @@ async def test_periodic_task_runs_once_per_tick_across_workers(app: embedq.App) 
     for w in workers:
         w.stop()
     await asyncio.gather(*runs)
-    [row] = await sql(app, "SELECT count(*) AS n, count(DISTINCT tick) AS ticks FROM embedq.periodic_ticks")
+    [row] = await sql(
+        app, "SELECT count(*) AS n, count(DISTINCT tick) AS ticks FROM embedq.periodic_ticks"
+    )
     # one row per tick (a minute boundary may fall inside the run: then two ticks)
     assert row["n"] == row["ticks"] and row["ticks"] in (1, 2)
-    jobs = await count(app, "jobs_archive", "task = 't.tick'") + await count(app, "jobs", "task = 't.tick'")
+    jobs = await count(app, "jobs_archive", "task = 't.tick'") + await count(
+        app, "jobs", "task = 't.tick'"
+    )
     assert jobs == row["n"]
 
 
@@ -378,7 +400,9 @@ async def test_events_record_the_lifecycle(app: embedq.App) -> None:
 async def test_failures_only_event_mode_and_delete_mode(db_url: str) -> None:
     app = embedq.App(database_url=db_url, job_events="failures", finished_jobs="delete")
     async with app:
-        await app.enqueue([JobSpec("embedq.noop")] * 10 + [JobSpec("embedq.fail", {"permanent": True})])
+        await app.enqueue(
+            [JobSpec("embedq.noop")] * 10 + [JobSpec("embedq.fail", {"permanent": True})]
+        )
         await drain(app)
         assert await count(app, "jobs") == 0
         assert await count(app, "jobs_archive", "state = 'succeeded'") == 0
@@ -390,9 +414,14 @@ async def test_failures_only_event_mode_and_delete_mode(db_url: str) -> None:
 async def test_cleanup_removes_old_history_only(app: embedq.App) -> None:
     await app.enqueue([JobSpec("embedq.noop")] * 4)
     await drain(app)
-    await sql(app, "UPDATE embedq.jobs_archive SET finished_at = now() - interval '10 days' "
-                   "WHERE id IN (SELECT id FROM embedq.jobs_archive LIMIT 3)")
-    await sql(app, "UPDATE embedq.job_events SET at = now() - interval '40 days' WHERE event = 'enqueued'")
+    await sql(
+        app,
+        "UPDATE embedq.jobs_archive SET finished_at = now() - interval '10 days' "
+        "WHERE id IN (SELECT id FROM embedq.jobs_archive LIMIT 3)",
+    )
+    await sql(
+        app, "UPDATE embedq.job_events SET at = now() - interval '40 days' WHERE event = 'enqueued'"
+    )
     removed = await app.store.cleanup()
     assert removed["jobs"] == 3 and removed["events"] == 4
     assert await count(app, "jobs_archive") == 1
@@ -402,7 +431,9 @@ async def test_unknown_task_is_dead_lettered_with_the_fix(app: embedq.App) -> No
     [t] = await app.enqueue([JobSpec("billing.no_such_task", {"x": 1})])
     await app.enqueue([JobSpec("embedq.noop")])
     await drain(app)
-    [row] = await sql(app, "SELECT state, error_kind, last_error FROM embedq.jobs_archive WHERE id = %s", t.id)
+    [row] = await sql(
+        app, "SELECT state, error_kind, last_error FROM embedq.jobs_archive WHERE id = %s", t.id
+    )
     assert row["state"] == "dead" and row["error_kind"] == "unknown_task"
     assert "billing.no_such_task" in row["last_error"] and "--app" in row["last_error"]
     assert await count(app, "jobs_archive", "state = 'succeeded'") == 1

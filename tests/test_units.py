@@ -27,12 +27,32 @@ from embedq.settings import Settings
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(embedq.__all__) == sorted([
-        "App", "ConfigurationError", "DatabaseError", "DatabaseUnavailable", "EmbedqError",
-        "Enqueued", "InvalidJob", "Job", "JobContext", "JobNotFound", "JobSpec", "JobState",
-        "PermanentError", "RetryPolicy", "SchemaError", "Settings", "Task", "UnknownQueue",
-        "UnknownTask", "Worker", "__version__", "load_app",
-    ])
+    assert sorted(embedq.__all__) == sorted(
+        [
+            "App",
+            "ConfigurationError",
+            "DatabaseError",
+            "DatabaseUnavailable",
+            "EmbedqError",
+            "Enqueued",
+            "InvalidJob",
+            "Job",
+            "JobContext",
+            "JobNotFound",
+            "JobSpec",
+            "JobState",
+            "PermanentError",
+            "RetryPolicy",
+            "SchemaError",
+            "Settings",
+            "Task",
+            "UnknownQueue",
+            "UnknownTask",
+            "Worker",
+            "__version__",
+            "load_app",
+        ]
+    )
     for name in embedq.__all__:
         assert hasattr(embedq, name)
 
@@ -110,8 +130,12 @@ class TestJobSpec:
 
 
 def test_coalesce_batch_keeps_the_last_of_each_dedup_key() -> None:
-    specs = [JobSpec("t", {"v": 1}, dedup_key="a"), JobSpec("t", {"v": 2}),
-             JobSpec("t", {"v": 3}, dedup_key="a"), JobSpec("t", {"v": 4}, dedup_key="b")]
+    specs = [
+        JobSpec("t", {"v": 1}, dedup_key="a"),
+        JobSpec("t", {"v": 2}),
+        JobSpec("t", {"v": 3}, dedup_key="a"),
+        JobSpec("t", {"v": 4}, dedup_key="b"),
+    ]
     unique, index = coalesce_batch(specs)
     assert [s.args["v"] for s in unique] == [3, 2, 4]
     assert index == [0, 1, 0, 2]
@@ -167,15 +191,21 @@ class TestSettings:
 
 class TestErrorMapping:
     def test_refused_connection(self) -> None:
-        err = map_error(psycopg.OperationalError("connection refused"), "postgresql://u:secret@h:5/d")
+        err = map_error(
+            psycopg.OperationalError("connection refused"), "postgresql://u:secret@h:5/d"
+        )
         assert isinstance(err, DatabaseUnavailable)
         assert "u@h:5/d" in str(err) and "secret" not in str(err)
 
     def test_bad_password(self) -> None:
-        err = map_error(psycopg.OperationalError('FATAL:  password authentication failed for user "u"'))
+        err = map_error(
+            psycopg.OperationalError('FATAL:  password authentication failed for user "u"')
+        )
         assert isinstance(err, DatabaseAuthFailed)
         assert "EMBEDQ_DATABASE_URL" in str(err)
 
     def test_describe_target_hides_passwords(self) -> None:
-        assert describe_target("postgresql://me:pw@db.internal:5432/app") == "me@db.internal:5432/app"
+        assert (
+            describe_target("postgresql://me:pw@db.internal:5432/app") == "me@db.internal:5432/app"
+        )
         assert "pw" not in describe_target("postgresql://me:pw@/app?host=/tmp/sock")

@@ -1,12 +1,12 @@
 """The App: settings, the database, the registered tasks, and enqueueing.
 
-    app = embedq.App()
+app = embedq.App()
 
-    @app.task(queue="high", lock="business:{business_id}")
-    async def sync_receipts(business_id: int) -> None: ...
+@app.task(queue="high", lock="business:{business_id}")
+async def sync_receipts(business_id: int) -> None: ...
 
-    async with app:
-        await sync_receipts.defer_async(business_id=42)
+async with app:
+    await sync_receipts.defer_async(business_id=42)
 """
 
 from __future__ import annotations
@@ -100,18 +100,32 @@ class App:
 
         def register(f: Callable[..., Any]) -> Task:
             s = self.settings
-            policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy(
-                max_attempts=max_attempts or (retry if isinstance(retry, int) else None)
-                or s.retry_max_attempts,
-                base_s=s.retry_base_s,
-                cap_s=max(s.retry_cap_s, s.retry_base_s),
+            policy = (
+                retry
+                if isinstance(retry, RetryPolicy)
+                else RetryPolicy(
+                    max_attempts=max_attempts
+                    or (retry if isinstance(retry, int) else None)
+                    or s.retry_max_attempts,
+                    base_s=s.retry_base_s,
+                    cap_s=max(s.retry_cap_s, s.retry_base_s),
+                )
             )
             task_name = name or re.sub(r"[^A-Za-z0-9_.:-]", "", f"{f.__module__}.{f.__qualname__}")
             if task_name in self.tasks:
                 raise InvalidJob(f"a task named {task_name!r} is already registered")
             t = Task(
-                app=self, func=f, name=task_name, queue=queue, priority=priority, retry=policy,
-                lock=lock, dedup=dedup, timeout_s=timeout, pass_context=pass_context, cron=cron,
+                app=self,
+                func=f,
+                name=task_name,
+                queue=queue,
+                priority=priority,
+                retry=policy,
+                lock=lock,
+                dedup=dedup,
+                timeout_s=timeout,
+                pass_context=pass_context,
+                cron=cron,
             )
             self.tasks[task_name] = t
             return t
@@ -120,7 +134,7 @@ class App:
 
     def periodic(self, cron: str, **options: Any) -> Callable[[F], Task]:
         """Register a task that runs on a cron schedule, once per tick across all workers."""
-        return self.task(cron=cron, **options)  # type: ignore[no-any-return]
+        return self.task(cron=cron, **options)
 
     def get_task(self, name: str) -> Task:
         try:
@@ -185,9 +199,7 @@ class App:
 
     # --- enqueueing ----------------------------------------------------------------------
 
-    async def enqueue(
-        self, specs: Sequence[JobSpec], *, connection: Any = None
-    ) -> list[Enqueued]:
+    async def enqueue(self, specs: Sequence[JobSpec], *, connection: Any = None) -> list[Enqueued]:
         """Enqueue jobs in one round trip; in the caller's transaction when `connection`
         (a psycopg AsyncConnection) is given: the jobs exist only if it commits."""
         if connection is not None and not isinstance(connection, psycopg.AsyncConnection):
@@ -200,9 +212,7 @@ class App:
         store = self._store or JobStore(None, self.settings)  # type: ignore[arg-type]
         return await store.enqueue(specs, conn=connection)
 
-    def enqueue_sync(
-        self, specs: Sequence[JobSpec], *, connection: Any = None
-    ) -> list[Enqueued]:
+    def enqueue_sync(self, specs: Sequence[JobSpec], *, connection: Any = None) -> list[Enqueued]:
         """Blocking enqueue for synchronous code (Flask, Django, scripts)."""
         if not specs:
             return []
@@ -228,8 +238,11 @@ class App:
                     db.database_url(self.settings),
                     min_size=1,
                     max_size=4,
-                    kwargs={"autocommit": True, "row_factory": dict_row,
-                            **db.connection_kwargs(self.settings)},
+                    kwargs={
+                        "autocommit": True,
+                        "row_factory": dict_row,
+                        **db.connection_kwargs(self.settings),
+                    },
                     timeout=self.settings.connect_timeout_s,
                     open=True,
                     name="embedq-sync",

@@ -87,7 +87,9 @@ def map_error(exc: BaseException, url: str | None = None) -> EmbedqError:
             f"embedq's tables are missing at {where} ({text}). Run `embedq db upgrade` "
             "(workers do it at start) and check EMBEDQ_SCHEMA."
         )
-    if isinstance(exc, pgerrors.InvalidCatalogName) or "does not exist" in text and "database" in text:
+    if isinstance(exc, pgerrors.InvalidCatalogName) or (
+        "does not exist" in text and "database" in text
+    ):
         return DatabaseError(
             f"{text} at {where}. Create it (createdb) or fix the database name in "
             "EMBEDQ_DATABASE_URL."
@@ -131,7 +133,9 @@ async def connect(
             await conn.close()
 
 
-def make_pool(settings: Settings, *, max_size: int = 10, name: str = "embedq") -> AsyncConnectionPool:
+def make_pool(
+    settings: Settings, *, max_size: int = 10, name: str = "embedq"
+) -> AsyncConnectionPool:
     """A connection pool (not yet opened) that reconnects on its own after an outage."""
     url = database_url(settings)
     return AsyncConnectionPool(

@@ -13,8 +13,8 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from enum import Enum
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -35,7 +35,7 @@ _TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
 AnyConn = psycopg.AsyncConnection[Any]
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -80,19 +80,24 @@ class JobSpec:
             raise InvalidJob(
                 f"queue name {self.queue!r} is invalid: 1-100 letters, digits, '_', '.', ':', '-'"
             )
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not (
-            0 <= self.priority <= MAX_PRIORITY
+        if (
+            isinstance(self.priority, bool)
+            or not isinstance(self.priority, int)
+            or not (0 <= self.priority <= MAX_PRIORITY)
         ):
             raise InvalidJob(
                 f"priority {self.priority!r} of task {self.task!r} is out of range: use an "
                 f"integer from 0 (lowest, the default) to {MAX_PRIORITY} (highest)"
             )
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or (
-            self.max_attempts < 1
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or (self.max_attempts < 1)
         ):
             raise InvalidJob(f"max_attempts of task {self.task!r} must be an integer >= 1")
         if self.timeout_s is not None and not (
-            isinstance(self.timeout_s, int | float) and math.isfinite(self.timeout_s)
+            isinstance(self.timeout_s, int | float)
+            and math.isfinite(self.timeout_s)
             and self.timeout_s > 0
         ):
             raise InvalidJob(f"timeout_s of task {self.task!r} must be a positive number")
@@ -213,16 +218,22 @@ class JobStore:
     ) -> list[dict[str, Any]]:
         with translated():
             if conn is not None:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(self.q[name], params or {})
-                return await cur.fetchall() if cur.description else []
+                return await self._fetch_on(conn, name, params)
             async with self.pool.connection() as c:
-                cur = await c.execute(self.q[name], params or {})
-                return await cur.fetchall() if cur.description else []
+                return await self._fetch_on(c, name, params)
+
+    async def _fetch_on(
+        self, conn: AnyConn, name: str, params: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(self.q[name], params or {})
+        return await cur.fetchall() if cur.description else []
 
     # --- producing ---------------------------------------------------------------------
 
-    async def enqueue(self, specs: Sequence[JobSpec], conn: AnyConn | None = None) -> list[Enqueued]:
+    async def enqueue(
+        self, specs: Sequence[JobSpec], conn: AnyConn | None = None
+    ) -> list[Enqueued]:
         """Insert jobs in one round trip (in `conn`'s transaction when given)."""
         if not specs:
             return []
@@ -298,7 +309,12 @@ class JobStore:
     async def heartbeat(self, worker_id: int, ids: Sequence[int], state: str) -> set[int]:
         rows = await self.fetch(
             "heartbeat",
-            {"worker": worker_id, "ids": list(ids), "lease_s": self.settings.lease_s, "state": state},
+            {
+                "worker": worker_id,
+                "ids": list(ids),
+                "lease_s": self.settings.lease_s,
+                "state": state,
+            },
         )
         return {int(r["id"]) for r in rows}
 
@@ -308,7 +324,9 @@ class JobStore:
 
     # --- administration ------------------------------------------------------------------
 
-    async def cancel(self, ids: Sequence[int], reason: str = "cancelled by an administrator") -> list[dict[str, Any]]:
+    async def cancel(
+        self, ids: Sequence[int], reason: str = "cancelled by an administrator"
+    ) -> list[dict[str, Any]]:
         return await self.fetch("cancel", {"ids": list(ids), "reason": reason})
 
     async def clear(self, queue: str | None) -> int:
@@ -330,8 +348,14 @@ class JobStore:
         """Dead (or cancelled) jobs back to pending with fresh attempts."""
         rows = await self.fetch(
             "retry_archived",
-            {"ids": list(ids) if ids else None, "task": task, "queue": queue, "error": error,
-             "state": state, "limit": limit},
+            {
+                "ids": list(ids) if ids else None,
+                "task": task,
+                "queue": queue,
+                "error": error,
+                "state": state,
+                "limit": limit,
+            },
         )
         return [int(r["id"]) for r in rows]
 
@@ -369,14 +393,17 @@ class JobStore:
         days = s.archive_retention_days if archive_days is None else archive_days
         [row] = await self.fetch(
             "cleanup",
-            {"archive_s": days * 86400, "dead_s": s.dead_retention_days * 86400,
-             "events_s": s.event_retention_days * 86400},
+            {
+                "archive_s": days * 86400,
+                "dead_s": s.dead_retention_days * 86400,
+                "events_s": s.event_retention_days * 86400,
+            },
         )
         return {k: int(v) for k, v in row.items()}
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def in_seconds(seconds: float) -> datetime:

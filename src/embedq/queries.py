@@ -48,9 +48,9 @@ def load(filename: str, schema: str) -> dict[str, str]:
                 f"{name}_in": sql.SQL("AND j.queue = ANY(%(queues)s::text[])"),
             }
             for variant, fragment in variants.items():
-                out[variant] = sql.SQL(text).format(queue_filter=fragment, **params).as_string()  # type: ignore[arg-type]
+                out[variant] = sql.SQL(text).format(queue_filter=fragment, **params).as_string()
         else:
-            out[name] = sql.SQL(text).format(**params).as_string()  # type: ignore[arg-type]
+            out[name] = sql.SQL(text).format(**params).as_string()
     return out
 
 

@@ -1,8 +1,8 @@
 """Retry policy: exponential backoff with jitter, and the permanent/transient split.
 
-    >>> policy = RetryPolicy(max_attempts=5, base_s=1.0, cap_s=60.0)
-    >>> 0.5 <= policy.delay(1) <= 1.0 and 4.0 <= policy.delay(4) <= 8.0
-    True
+>>> policy = RetryPolicy(max_attempts=5, base_s=1.0, cap_s=60.0)
+>>> 0.5 <= policy.delay(1) <= 1.0 and 4.0 <= policy.delay(4) <= 8.0
+True
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ ENV_PREFIX = "EMBEDQ_"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 Source = Literal["cli", "env", "database", "default"]
-_db_values: ContextVar[dict[str, Any]] = ContextVar("embedq_db_settings", default={})
+_db_values: ContextVar[dict[str, Any] | None] = ContextVar("embedq_db_settings", default=None)
 
 
 def _bootstrap(**kw: Any) -> Any:
@@ -114,7 +114,9 @@ class Settings(BaseSettings):
         default=5.0, gt=0, le=3600, description="How often a worker renews its leases."
     )
     shutdown_grace_s: float = Field(
-        default=30.0, ge=0, le=86_400,
+        default=30.0,
+        ge=0,
+        le=86_400,
         description="On SIGTERM, how long running jobs may finish before they are released.",
     )
     statement_timeout_s: float = Field(
@@ -197,7 +199,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _DatabaseValues(settings_cls, _db_values.get()))
+        return (init_settings, env_settings, _DatabaseValues(settings_cls, _db_values.get() or {}))
 
     # ---------------------------------------------------------------------------------------
 
@@ -263,9 +265,7 @@ def describe_validation_error(
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else "?"
         if name not in Settings.model_fields:
-            name = next(
-                (f for f in Settings.model_fields if name in (env_names(f) or [])), name
-            )
+            name = next((f for f in Settings.model_fields if name in (env_names(f) or [])), name)
         where = _source_of(name, cli, database) if name in Settings.model_fields else "input"
         env = env_names(name)[0] if name in Settings.model_fields else ENV_PREFIX + name.upper()
         hint = {

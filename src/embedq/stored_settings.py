@@ -112,4 +112,3 @@ def shown(settings: Settings, name: str) -> Any:
             return describe_target(value.get_secret_value())
         return MASK
     return TypeAdapter(Any).dump_python(value, mode="json")
-

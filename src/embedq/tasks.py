@@ -1,11 +1,11 @@
 """Tasks: functions registered with an App, and the ways to enqueue them.
 
-    @app.task(queue="high", lock="business:{business_id}", max_attempts=3)
-    def sync_receipts(business_id: int) -> None: ...
+@app.task(queue="high", lock="business:{business_id}", max_attempts=3)
+def sync_receipts(business_id: int) -> None: ...
 
-    sync_receipts.defer(business_id=42)                      # its own transaction
-    sync_receipts.configure(connection=conn).defer(business_id=42)   # the caller's
-    await sync_receipts.defer_async(business_id=42)
+sync_receipts.defer(business_id=42)                      # its own transaction
+sync_receipts.configure(connection=conn).defer(business_id=42)   # the caller's
+await sync_receipts.defer_async(business_id=42)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -94,9 +94,7 @@ class Deferrer:
 
     def defer_many(self, calls: Iterable[Mapping[str, Any]]) -> list[Enqueued]:
         """Enqueue many jobs in one round trip (blocking)."""
-        return self.task.app.enqueue_sync(
-            [self.spec(a) for a in calls], connection=self.connection
-        )
+        return self.task.app.enqueue_sync([self.spec(a) for a in calls], connection=self.connection)
 
     async def defer_many_async(self, calls: Iterable[Mapping[str, Any]]) -> list[Enqueued]:
         return await self.task.app.enqueue(
@@ -113,7 +111,7 @@ class Task:
     name: str
     queue: str = "default"
     priority: int = 0
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     lock: KeyTemplate = None
     dedup: KeyTemplate = None
     timeout_s: float | None = None

@@ -26,7 +26,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -61,7 +61,7 @@ class _Backoff:
 
     def next(self) -> float:
         self.n += 1
-        step = min(self.cap, self.first * 2 ** (self.n - 1))
+        step = min(self.cap, self.first * 2.0 ** (self.n - 1))
         return step / 2 + random.uniform(0, step / 2)
 
     def reset(self) -> None:
@@ -119,7 +119,11 @@ class Worker:
     @property
     def held(self) -> list[int]:
         """Jobs this worker holds a lease on: running, or finished but not yet recorded."""
-        return [*self._running, *(d.job_id for d in self._done), *(d.job_id for d in self._flushing)]
+        return [
+            *self._running,
+            *(d.job_id for d in self._done),
+            *(d.job_id for d in self._flushing),
+        ]
 
     def _db_lost(self, exc: BaseException, doing: str) -> None:
         if self._db_ok:
@@ -153,13 +157,23 @@ class Worker:
             await self.store.register_queues(self.queues)
         [row] = await self.store.fetch(
             "register_worker",
-            {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
-             "queues": self.queues, "concurrency": self.concurrency, "version": __version__},
+            {
+                "name": self.name,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": self.queues,
+                "concurrency": self.concurrency,
+                "version": __version__,
+            },
         )
         self.id = int(row["id"])
         log.info(
             "worker %s (%s) started: queues=%s concurrency=%d batch=%d",
-            self.id, self.name, ",".join(self.queues or ["*"]), self.concurrency, self.batch_size,
+            self.id,
+            self.name,
+            ",".join(self.queues or ["*"]),
+            self.concurrency,
+            self.batch_size,
         )
         loop = asyncio.get_running_loop()
         if self.install_signals:
@@ -246,7 +260,9 @@ class Worker:
         bad = task.check_args(job.args)
         if bad is not None:
             await self._record_failure(
-                job, f"arguments do not fit task {job.task!r}: {bad}", "bad_arguments",
+                job,
+                f"arguments do not fit task {job.task!r}: {bad}",
+                "bad_arguments",
                 permanent=True,
             )
             return
@@ -257,7 +273,9 @@ class Worker:
                 try:
                     result = await asyncio.wait_for(task.run(context, self._executor), timeout)
                 except TimeoutError:
-                    raise TaskTimeout(f"task {job.task!r} ran past its timeout of {timeout:g} s") from None
+                    raise TaskTimeout(
+                        f"task {job.task!r} ran past its timeout of {timeout:g} s"
+                    ) from None
             else:
                 result = await task.run(context, self._executor)
         except asyncio.CancelledError:
@@ -295,13 +313,21 @@ class Worker:
                     await self.store.bury(self.id, job.id, error, kind)
                     log.warning(
                         "job %s (%s) dead after attempt %d/%d: %s",
-                        job.id, job.task, job.attempts, job.max_attempts, error.splitlines()[-1],
+                        job.id,
+                        job.task,
+                        job.attempts,
+                        job.max_attempts,
+                        error.splitlines()[-1],
                     )
                 else:
                     await self.store.retry_later(self.id, job.id, delay, error, kind)
                     log.info(
                         "job %s (%s) failed attempt %d/%d, retry in %.1f s: %s",
-                        job.id, job.task, job.attempts, job.max_attempts, delay,
+                        job.id,
+                        job.task,
+                        job.attempts,
+                        job.max_attempts,
+                        delay,
                         error.splitlines()[-1],
                     )
                 self._db_back()
@@ -331,7 +357,9 @@ class Worker:
         self._flushing = batch
         try:
             recorded = await self.store.complete(
-                self.id, [d.job_id for d in batch], [d.result for d in batch],
+                self.id,
+                [d.job_id for d in batch],
+                [d.result for d in batch],
                 [d.outcome for d in batch],
             )
         except DatabaseError as exc:
@@ -411,7 +439,8 @@ class Worker:
                     log.warning(
                         "reclaimed %d jobs whose worker stopped heartbeating (%d dead-lettered "
                         "on their last attempt)",
-                        reclaimed["requeued"] + reclaimed["dead"], reclaimed["dead"],
+                        reclaimed["requeued"] + reclaimed["dead"],
+                        reclaimed["dead"],
                     )
                 for task in periodic:
                     await self._schedule(task, last_tick)
@@ -423,7 +452,7 @@ class Worker:
             await asyncio.sleep(every if not periodic else min(every, 1.0))
 
     async def _schedule(self, task: Any, last_tick: dict[str, datetime]) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         tick: datetime = croniter(task.cron, now).get_prev(datetime)
         if last_tick.get(task.name) == tick or (now - tick).total_seconds() > 60:
             return  # already handled, or a tick missed long ago (we do not replay history)
@@ -439,8 +468,14 @@ class Worker:
         async with self.app.pool.connection() as conn:  # type: ignore[union-attr]
             with db.translated():
                 async with conn.transaction():
-                    spec = JobSpec(task.name, {}, queue=task.queue, priority=task.priority,
-                                   max_attempts=task.retry.max_attempts, timeout_s=task.timeout_s)
+                    spec = JobSpec(
+                        task.name,
+                        {},
+                        queue=task.queue,
+                        priority=task.priority,
+                        max_attempts=task.retry.max_attempts,
+                        timeout_s=task.timeout_s,
+                    )
                     [ticket] = await self.store.enqueue([spec], conn=conn)
                     cur = conn.cursor(row_factory=dict_row)
                     await cur.execute(
@@ -454,7 +489,8 @@ class Worker:
         async with self.app.pool.connection() as conn:  # type: ignore[union-attr]
             with db.translated():
                 async with conn.transaction():
-                    cur = await conn.execute(
+                    cur = conn.cursor(row_factory=dict_row)
+                    await cur.execute(
                         "SELECT pg_try_advisory_xact_lock(%s, %s) AS mine",
                         (LOCK_NAMESPACE, CLEANUP_LOCK),
                     )
@@ -472,7 +508,9 @@ class Worker:
         if self._running:
             log.info(
                 "worker %s stopping: waiting up to %.0f s for %d running jobs",
-                self.id, grace, len(self._running),
+                self.id,
+                grace,
+                len(self._running),
             )
             deadline = time.monotonic() + grace
             while self._running and not self._force and time.monotonic() < deadline:
@@ -515,4 +553,3 @@ def _result_json(value: Any) -> str | None:
         return json.dumps(value, allow_nan=False, default=str)
     except (TypeError, ValueError):
         return json.dumps(repr(value)[:10_000])
-

@@ -32,8 +32,12 @@ app.command("demo")(run.demo)
 def root(
     ctx: typer.Context,
     database_url: str | None = typer.Option(
-        None, "--database-url", envvar=None, help="PostgreSQL URL (default: EMBEDQ_DATABASE_URL, "
-        "DATABASE_URL, else the embedded server).", show_default=False,
+        None,
+        "--database-url",
+        envvar=None,
+        help="PostgreSQL URL (default: EMBEDQ_DATABASE_URL, "
+        "DATABASE_URL, else the embedded server).",
+        show_default=False,
     ),
     data_dir: str | None = typer.Option(
         None, "--data-dir", help="Data directory of the embedded server (EMBEDQ_DATA_DIR)."

@@ -34,15 +34,20 @@ def db_upgrade(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
             where = db.describe_target(db.database_url(settings))
             applied = await migrations.upgrade(conn, settings.db_schema, where=where)
             st = await migrations.status(conn, settings.db_schema)
-        return {"applied": [f"{m.version:04d}_{m.name}" for m in applied],
-                "version": st.database_version, "schema": settings.db_schema}
+        return {
+            "applied": [f"{m.version:04d}_{m.name}" for m in applied],
+            "version": st.database_version,
+            "schema": settings.db_schema,
+        }
 
     out = run(go())
     if json_out:
         print_json(out)
     elif out["applied"]:
-        console.print(f"applied {', '.join(out['applied'])}; schema {out['schema']!r} is at "
-                      f"version {out['version']}")
+        console.print(
+            f"applied {', '.join(out['applied'])}; schema {out['schema']!r} is at "
+            f"version {out['version']}"
+        )
     else:
         console.print(f"schema {out['schema']!r} is up to date (version {out['version']})")
 
@@ -69,8 +74,10 @@ def db_status(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     if json_out:
         print_json(out)
     else:
-        console.print(f"database {out['database']}, schema {settings.db_schema!r}: version "
-                      f"{st.database_version} (this embedq: {st.code_version})")
+        console.print(
+            f"database {out['database']}, schema {settings.db_schema!r}: version "
+            f"{st.database_version} (this embedq: {st.code_version})"
+        )
         table("applied migrations", st.applied)
         if st.pending:
             console.print(f"[yellow]pending:[/] {st.pending}; run `embedq db upgrade`")
@@ -124,8 +131,11 @@ def settings_list(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     if json_out:
         print_json(rows)
     else:
-        table("settings (precedence: cli > env > database > default)", rows,
-              ["name", "value", "source", "env"])
+        table(
+            "settings (precedence: cli > env > database > default)",
+            rows,
+            ["name", "value", "source", "env"],
+        )
 
 
 @settings_app.command("get")

@@ -23,8 +23,17 @@ from embedq.errors import InvalidJob, SchemaError
 from embedq.jobs import JobSpec, in_seconds
 
 queue_app = typer.Typer(help="Inspect and administer the job queue.", no_args_is_help=True)
-LIST_COLUMNS = ["id", "task", "queue", "state", "priority", "attempts", "max_attempts",
-                "run_at", "last_error"]
+LIST_COLUMNS = [
+    "id",
+    "task",
+    "queue",
+    "state",
+    "priority",
+    "attempts",
+    "max_attempts",
+    "run_at",
+    "last_error",
+]
 
 
 def _dead_after(app: App) -> float:
@@ -34,11 +43,29 @@ def _dead_after(app: App) -> float:
 async def _status(app: App) -> dict[str, Any]:
     [overview] = await app.store.fetch("queue_overview", {"dead_after_s": _dead_after(app)})
     counts = await app.store.fetch("counts", {"window_s": 3600})
-    queues = {q["name"]: {"paused": q["paused"], "pending": 0, "running": 0, "succeeded_1h": 0,
-                          "dead_1h": 0, "cancelled_1h": 0} for q in await app.store.queues()}
+    queues = {
+        q["name"]: {
+            "paused": q["paused"],
+            "pending": 0,
+            "running": 0,
+            "succeeded_1h": 0,
+            "dead_1h": 0,
+            "cancelled_1h": 0,
+        }
+        for q in await app.store.queues()
+    }
     for row in counts:
-        q = queues.setdefault(row["queue"], {"paused": False, "pending": 0, "running": 0,
-                                            "succeeded_1h": 0, "dead_1h": 0, "cancelled_1h": 0})
+        q = queues.setdefault(
+            row["queue"],
+            {
+                "paused": False,
+                "pending": 0,
+                "running": 0,
+                "succeeded_1h": 0,
+                "dead_1h": 0,
+                "cancelled_1h": 0,
+            },
+        )
         key = row["state"] if row["state"] in ("pending", "running") else f"{row['state']}_1h"
         q[key] = int(row["n"])
     return {"overview": overview, "queues": queues}
@@ -91,17 +118,36 @@ def _health_checks(overview: dict[str, Any], max_age_s: float) -> list[dict[str,
     alive = int(overview["workers_alive"])
     return [
         {"check": "database", "ok": True, "detail": "reachable, schema current"},
-        {"check": "workers", "ok": alive > 0 or due == 0,
-         "detail": f"{alive} alive" + ("" if alive or not due else f", {due} jobs due and none "
-                                       "to run them: start `embedq worker`")},
-        {"check": "stuck", "ok": int(overview["stuck"]) == 0,
-         "detail": f"{overview['stuck']} running jobs past their lease"
-                   + (" (a worker will reclaim them; `embedq queue reset-stuck` now)"
-                      if int(overview["stuck"]) else "")},
-        {"check": "backlog", "ok": age <= max_age_s,
-         "detail": f"oldest due job waits {age:.1f} s (limit {max_age_s:g} s)"},
-        {"check": "dead_last_hour", "ok": True,
-         "detail": f"{overview['dead_last_hour']} jobs dead-lettered in the last hour"},
+        {
+            "check": "workers",
+            "ok": alive > 0 or due == 0,
+            "detail": f"{alive} alive"
+            + (
+                ""
+                if alive or not due
+                else f", {due} jobs due and none to run them: start `embedq worker`"
+            ),
+        },
+        {
+            "check": "stuck",
+            "ok": int(overview["stuck"]) == 0,
+            "detail": f"{overview['stuck']} running jobs past their lease"
+            + (
+                " (a worker will reclaim them; `embedq queue reset-stuck` now)"
+                if int(overview["stuck"])
+                else ""
+            ),
+        },
+        {
+            "check": "backlog",
+            "ok": age <= max_age_s,
+            "detail": f"oldest due job waits {age:.1f} s (limit {max_age_s:g} s)",
+        },
+        {
+            "check": "dead_last_hour",
+            "ok": True,
+            "detail": f"{overview['dead_last_hour']} jobs dead-lettered in the last hour",
+        },
     ]
 
 
@@ -152,15 +198,20 @@ def metrics(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
         "embedq_jobs_stuck": ("gauge", "Running jobs past their lease.", o["stuck"]),
         "embedq_jobs_dead_total": ("gauge", "Jobs in the dead-letter archive.", o["dead"]),
         "embedq_oldest_due_job_age_seconds": (
-            "gauge", "Wait of the oldest due pending job.", float(o["oldest_due_age_s"] or 0)),
+            "gauge",
+            "Wait of the oldest due pending job.",
+            float(o["oldest_due_age_s"] or 0),
+        ),
         "embedq_workers_alive": ("gauge", "Workers with a recent heartbeat.", o["workers_alive"]),
         "embedq_queue_paused": None,
     }
     for metric, spec in scalars.items():
         if spec is None:
             lines += [f"# HELP {metric} 1 when the queue is paused.", f"# TYPE {metric} gauge"]
-            lines += [f'{metric}{{queue="{n}"}} {int(q["paused"])}'
-                      for n, q in sorted(out["queues"].items())]
+            lines += [
+                f'{metric}{{queue="{n}"}} {int(q["paused"])}'
+                for n, q in sorted(out["queues"].items())
+            ]
             continue
         kind, help_text, value = spec
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", f"{metric} {value}"]
@@ -175,13 +226,19 @@ def recent(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """The most recently finished jobs (or, with --active, the ones still queued)."""
-    rows = run(with_app(state(ctx), lambda a: a.store.fetch(
-        "active" if active else "recent", {"limit": limit})))
+    rows = run(
+        with_app(
+            state(ctx), lambda a: a.store.fetch("active" if active else "recent", {"limit": limit})
+        )
+    )
     if json_out:
         print_json(rows)
     else:
-        table("active jobs" if active else "recently finished", rows,
-              [*LIST_COLUMNS[:-1], "finished_at", "outcome"])
+        table(
+            "active jobs" if active else "recently finished",
+            rows,
+            [*LIST_COLUMNS[:-1], "finished_at", "outcome"],
+        )
 
 
 @queue_app.command("failed")
@@ -203,8 +260,10 @@ def failed(
         table("failed jobs", rows, [*LIST_COLUMNS, "error_kind"])
         return
     for r in rows:
-        console.print(f"[bold]job {r['id']}[/] {r['task']} on {r['queue']}: {r['state']}, "
-                      f"attempt {r['attempts']}/{r['max_attempts']}, kind {r['error_kind']}")
+        console.print(
+            f"[bold]job {r['id']}[/] {r['task']} on {r['queue']}: {r['state']}, "
+            f"attempt {r['attempts']}/{r['max_attempts']}, kind {r['error_kind']}"
+        )
         console.print(f"  args: {json.dumps(r['args'])}")
         console.print("  " + (r["last_error"] or "").replace("\n", "\n  "))
 
@@ -220,8 +279,11 @@ def stuck(
     if json_out:
         print_json(rows)
     else:
-        table("stuck jobs (workers reclaim them automatically)", rows,
-              ["id", "task", "queue", "worker_id", "attempts", "started_at", "overdue_s"])
+        table(
+            "stuck jobs (workers reclaim them automatically)",
+            rows,
+            ["id", "task", "queue", "worker_id", "attempts", "started_at", "overdue_s"],
+        )
 
 
 @queue_app.command("reset-stuck")
@@ -250,19 +312,22 @@ def retry(
     task: str | None = typer.Option(None, "--task", help="Only jobs of this task."),
     queue_name: str | None = typer.Option(None, "--queue", help="Only jobs of this queue."),
     error: str | None = typer.Option(None, "--error", help="Only jobs whose error contains this."),
+    cancelled: bool = typer.Option(
+        False, "--cancelled", help="With filters: cancelled (or cleared) jobs instead of dead."
+    ),
     yes: bool = YES_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Put dead (or cancelled) jobs back in their queue with fresh attempts."""
-    if not ids and not (all_dead or task or queue_name or error):
+    if not ids and not (all_dead or task or queue_name or error or cancelled):
         raise InvalidJob("name job ids, or --all-dead (optionally with --task/--queue/--error)")
+    kind = "cancelled" if cancelled else "dead"
 
     async def go(app: App) -> list[int]:
         if not ids:
-            confirm("Retry every dead job matching the filters?", yes)
+            confirm(f"Retry every {kind} job matching the filters?", yes)
         return await app.store.retry(
-            ids or None, task=task, queue=queue_name, error=error,
-            state=None if ids else "dead",
+            ids or None, task=task, queue=queue_name, error=error, state=None if ids else kind
         )
 
     retried = run(with_app(state(ctx), go))
@@ -345,8 +410,11 @@ def clear(
 def cleanup(
     ctx: typer.Context,
     days: float | None = typer.Option(
-        None, "--days", min=0, help="Remove finished jobs older than this (default: setting "
-        "archive_retention_days)."),
+        None,
+        "--days",
+        min=0,
+        help="Remove finished jobs older than this (default: setting archive_retention_days).",
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Remove old finished jobs, events and worker rows (workers do this hourly)."""
@@ -381,8 +449,21 @@ def workers(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     if json_out:
         print_json(rows)
     else:
-        table("workers", rows, ["id", "name", "state", "queues", "concurrency", "running",
-                                "processed", "failed", "heartbeat_age_s"])
+        table(
+            "workers",
+            rows,
+            [
+                "id",
+                "name",
+                "state",
+                "queues",
+                "concurrency",
+                "running",
+                "processed",
+                "failed",
+                "heartbeat_age_s",
+            ],
+        )
 
 
 @queue_app.command("enqueue")
@@ -397,25 +478,31 @@ def enqueue(
     dedup_key: str | None = typer.Option(None, "--dedup-key"),
     count: int = typer.Option(1, "--count", min=1, max=1_000_000, help="Enqueue this many."),
     any_task: bool = typer.Option(
-        False, "--any-task", help="Allow a task this app does not define (another service's)."),
+        False, "--any-task", help="Allow a task this app does not define (another service's)."
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Enqueue a job by task name (for operations and scripts)."""
     try:
         parsed = json.loads(args)
     except ValueError as exc:
-        raise InvalidJob(f"--args is not valid JSON ({exc}); example: --args '{{\"id\": 7}}'") from None
+        raise InvalidJob(
+            f"--args is not valid JSON ({exc}); example: --args '{{\"id\": 7}}'"
+        ) from None
 
     async def go(app: App) -> list[int]:
         known = app.tasks.get(task)
         if known is None and not any_task:
             app.get_task(task)  # raises UnknownTask with the list
         spec = JobSpec(
-            task, parsed, queue=queue_name or (known.queue if known else "default"),
+            task,
+            parsed,
+            queue=queue_name or (known.queue if known else "default"),
             priority=priority if priority is not None else (known.priority if known else 0),
             run_at=in_seconds(delay) if delay else None,
             max_attempts=known.retry.max_attempts if known else app.settings.retry_max_attempts,
-            lock_key=lock_key, dedup_key=dedup_key,
+            lock_key=lock_key,
+            dedup_key=dedup_key,
         )
         tickets = await app.enqueue([spec] * count)
         return sorted({t.id for t in tickets})
@@ -425,4 +512,3 @@ def enqueue(
         print_json({"ids": ids})
     else:
         console.print(f"enqueued {len(ids)} job(s): {ids[:10]}")
-

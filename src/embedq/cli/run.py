@@ -14,8 +14,11 @@ from embedq.worker import Worker
 def worker(
     ctx: typer.Context,
     queues: str | None = typer.Option(
-        None, "--queues", "-q", help="Comma-separated queues to serve, in no particular order "
-        "(priority orders jobs); default: all queues."
+        None,
+        "--queues",
+        "-q",
+        help="Comma-separated queues to serve, in no particular order "
+        "(priority orders jobs); default: all queues.",
     ),
     concurrency: int | None = typer.Option(
         None, "--concurrency", "-c", min=1, max=10_000, help="Jobs run at once (default 10)."
@@ -78,5 +81,7 @@ def demo(
         return
     console.print(f"[green]done:[/] {result['processed']} jobs succeeded")
     table("jobs by queue (last hour)", result["by_queue"])  # type: ignore[arg-type]
-    console.print("next: `embedq worker` runs a long-lived worker; `embedq queue status` shows "
-                  "the queue; see docs/queue.md")
+    console.print(
+        "next: `embedq worker` runs a long-lived worker; `embedq queue status` shows "
+        "the queue; see docs/queue.md"
+    )

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from embedq.errors import DatabaseError, ExtensionMissing, SchemaError
 
@@ -57,7 +58,7 @@ CODE_VERSION = shipped()[-1].version
 
 def render(text: str, schema: str) -> sql.Composed:
     """SQL text with {schema} and {channel} filled in safely."""
-    return sql.SQL(text).format(  # type: ignore[arg-type]
+    return sql.SQL(text).format(
         schema=sql.Identifier(schema), channel=sql.Literal(f"{schema}_jobs")
     )
 
@@ -96,12 +97,13 @@ async def status(conn: Conn, schema: str) -> Status:
     """Which migrations the database has and which it lacks."""
     applied: list[dict[str, Any]] = []
     if await _schema_exists(conn, schema):
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
             sql.SQL(
                 "SELECT version, name, checksum, applied_at FROM {}.migrations ORDER BY version"
             ).format(sql.Identifier(schema))
         )
-        applied = [dict(r) if isinstance(r, dict) else dict(zip(("version", "name", "checksum", "applied_at"), r)) for r in await cur.fetchall()]
+        applied = list(await cur.fetchall())
     db_version = max((int(r["version"]) for r in applied), default=0)
     done = {int(r["version"]) for r in applied}
     pending = [m.version for m in shipped() if m.version not in done]
@@ -127,10 +129,8 @@ async def check_current(conn: Conn, schema: str) -> Status:
 
 async def ensure_vector(conn: Conn, where: str) -> None:
     """Create pgvector if needed; a server without it gets one clear message."""
-    cur = await conn.execute(
-        "SELECT default_version, installed_version FROM pg_available_extensions "
-        "WHERE name = 'vector'"
-    )
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute("SELECT installed_version FROM pg_available_extensions WHERE name = 'vector'")
     row = await cur.fetchone()
     if row is None:
         raise ExtensionMissing(
@@ -138,8 +138,7 @@ async def ensure_vector(conn: Conn, where: str) -> None:
             "that server (Debian: apt install postgresql-NN-pgvector; Docker: the "
             "pgvector/pgvector image), or unset EMBEDQ_DATABASE_URL to use the embedded server."
         )
-    installed = row["installed_version"] if isinstance(row, dict) else row[1]
-    if installed is None:
+    if row["installed_version"] is None:
         try:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         except psycopg.errors.InsufficientPrivilege:
@@ -245,7 +244,9 @@ async def snapshot(conn: Conn, schema: str) -> dict[str, list[str]]:
     for kind, query in _SNAPSHOT_QUERIES.items():
         cur = await conn.execute(query, {"s": schema})
         rows = [str(_first(r)) for r in await cur.fetchall()]
-        out[kind] = sorted(r.replace(f'"{schema}"', "{schema}").replace(schema, "{schema}") for r in rows)
+        out[kind] = sorted(
+            r.replace(f'"{schema}"', "{schema}").replace(schema, "{schema}") for r in rows
+        )
     return out
 
 
