@@ -209,3 +209,12 @@ class TestErrorMapping:
             describe_target("postgresql://me:pw@db.internal:5432/app") == "me@db.internal:5432/app"
         )
         assert "pw" not in describe_target("postgresql://me:pw@/app?host=/tmp/sock")
+
+
+async def test_pool_connections_speak_pgvector(app: embedq.App) -> None:
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        cur = await conn.execute("SELECT '[1,2,3]'::vector AS v")
+        row = await cur.fetchone()
+    assert row is not None and not isinstance(row["v"], str)  # parsed by pgvector, not text
+    assert list(row["v"].to_list()) == [1.0, 2.0, 3.0]

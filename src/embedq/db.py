@@ -148,4 +148,16 @@ def make_pool(
         timeout=settings.connect_timeout_s,
         reconnect_timeout=0,  # never give up: an outage ends, the pool reconnects
         check=AsyncConnectionPool.check_connection,
+        configure=register_vector,
     )
+
+
+async def register_vector(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Teach a connection pgvector's types (vector, halfvec, sparsevec) when the database has
+    the extension; before the first migration it may not, and that is fine."""
+    from pgvector.psycopg import register_vector_async
+
+    try:
+        await register_vector_async(conn)
+    except psycopg.ProgrammingError:
+        pass

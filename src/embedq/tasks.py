@@ -11,6 +11,7 @@ await sync_receipts.defer_async(business_id=42)
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -154,12 +155,26 @@ class Task:
 
     def check_args(self, args: Mapping[str, Any]) -> str | None:
         """Why `args` cannot be passed to the function, or None when they can."""
+        if self._takes_any_kwargs and not self.pass_context:
+            return None  # fast path: a `**kwargs` function accepts any arguments
         try:
             params = [None] if self.pass_context else []
-            inspect.signature(self.func).bind(*params, **args)
+            self._signature.bind(*params, **args)
         except TypeError as exc:
             return str(exc)
         return None
+
+    @functools.cached_property
+    def _signature(self) -> inspect.Signature:
+        return inspect.signature(self.func)
+
+    @functools.cached_property
+    def _takes_any_kwargs(self) -> bool:
+        params = list(self._signature.parameters.values())
+        return all(
+            p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty
+            for p in params
+        ) and any(p.kind is p.VAR_KEYWORD for p in params)
 
     async def run(self, context: JobContext, executor: Any) -> Any:
         """Run the function with the job's arguments: coroutines on the loop, plain

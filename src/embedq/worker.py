@@ -125,6 +125,9 @@ class Worker:
             *(d.job_id for d in self._flushing),
         ]
 
+    def _held_count(self) -> int:
+        return len(self._running) + len(self._done) + len(self._flushing)
+
     def _db_lost(self, exc: BaseException, doing: str) -> None:
         if self._db_ok:
             log.warning("database unavailable while %s: %s; retrying with backoff", doing, exc)
@@ -200,7 +203,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         backoff = _Backoff()
         while not self._stopping.is_set():
-            free = self.concurrency - len(self.held)
+            free = self.concurrency - self._held_count()
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -218,7 +221,7 @@ class Worker:
             for job in jobs:
                 self._running[job.id] = asyncio.create_task(self._execute(job))
             if len(jobs) < want:
-                if self.exit_when_idle and not jobs and not self.held:
+                if self.exit_when_idle and not jobs and not self._held_count():
                     if await self._queue_empty():
                         log.info("queue drained; worker %s exits (--exit-when-idle)", self.id)
                         return
@@ -370,7 +373,7 @@ class Worker:
             self._flushing = []
         self._db_back()
         self.processed += len(recorded)
-        if self.exit_when_idle and not self.held:
+        if self.exit_when_idle and not self._held_count():
             self._wake.set()
         if len(recorded) < len(batch):
             log.info(
