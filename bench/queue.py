@@ -4,8 +4,9 @@
     python bench/queue.py --quick                                   # smoke run, smaller backlogs
 
 Everything runs against one PostgreSQL server, in one run: an embedded server in a temporary
-directory, or --database-url / EMBEDQ_DATABASE_URL (three scratch databases are created there
-and dropped afterwards). Each system gets its own database, so none sees another's tables.
+directory, or --database-url / EMBEDQ_DATABASE_URL (scratch databases embedq_bench_* are
+created there and dropped afterwards). Each system gets its own database, so none sees another's
+tables.
 
 Measured, with no-op jobs:
   * enqueue one by one (one round trip and commit per job) and in bulk (chunks of --chunk),
@@ -14,10 +15,13 @@ Measured, with no-op jobs:
     "active" time runs from the first claim to the last completion, as the database recorded
     them; "wall" time from the barrier until every worker process has exited,
   * embedq's claim latency (store.claim, 100 jobs) with a small and a large pending backlog,
-    raw SQL's the same way as the reference.
+    raw SQL's the same way as the reference,
+  * CPU time per job of the worker processes and (embedded server only) of PostgreSQL.
 
 See bench/README.md.
 """
+
+# ruff: noqa: E402  (imports follow the sys.path fix below)
 
 from __future__ import annotations
 
@@ -29,25 +33,24 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import atexit  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from typing import Any  # noqa: E402
-from urllib.parse import urlsplit, urlunsplit  # noqa: E402
+import argparse
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import psycopg  # noqa: E402
+import psycopg
 
 NOOP = "embedq.noop"
 PROC_NOOP = "bench.noop"
@@ -55,6 +58,8 @@ DB_NAMES = {
     "embedq": "embedq_bench_embedq",
     "procrastinate": "embedq_bench_procrastinate",
     "raw_sql": "embedq_bench_raw",
+    "embedq_large": "embedq_bench_embedq_large",
+    "raw_sql_large": "embedq_bench_raw_large",
 }
 TARGETS = {"processed_per_s": 12_000, "bulk_enqueue_per_s": 50_000, "claim_p99_ratio": 1.5}
 
@@ -87,6 +92,10 @@ def rate(n: int, seconds: float) -> float:
     return round(n / seconds, 1) if seconds > 0 else 0.0
 
 
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-quantile (0..1) of values, nearest rank."""
     ordered = sorted(values)
@@ -100,9 +109,9 @@ def pct(values: list[float], q: float) -> float:
 def make_procrastinate_app(url: str, pool_size: int) -> Any:
     import procrastinate
 
-    connector = procrastinate.PsycopgConnector(
-        conninfo=url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}
-    )
+    # It warns that the app lives in __main__; harmless here, the task has an explicit name.
+    logging.getLogger("procrastinate.blueprints").setLevel(logging.ERROR)
+    connector = procrastinate.PsycopgConnector(conninfo=url, min_size=1, max_size=pool_size)
     app = procrastinate.App(connector=connector)
 
     @app.task(name=PROC_NOOP)
@@ -118,9 +127,15 @@ def make_procrastinate_app(url: str, pool_size: int) -> Any:
 # waits for a line on stdin, works until its queue is empty, then prints RESULT {json}.
 
 
+_cpu_at_go = 0.0
+
+
 async def _barrier() -> float:
+    global _cpu_at_go
     print("READY", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if not await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline):
+        sys.exit(1)  # the benchmark went away before releasing us
+    _cpu_at_go = time.process_time()
     return time.time()
 
 
@@ -172,11 +187,12 @@ async def child_raw(cfg: dict[str, Any]) -> dict[str, Any]:
     async with conn:
         start = await _barrier()
         while True:
+            t = time.time()
             cur = await conn.execute(RAW_CLAIM, {"limit": cfg["batch_size"]})
             rows = await cur.fetchall()
             if not rows:
                 break
-            first = first or time.time()
+            first = first or t
             ids = [r[0] for r in rows]
             await conn.execute(RAW_COMPLETE, {"ids": ids})
             processed += len(ids)
@@ -190,11 +206,28 @@ def child_main(kind: str, cfg_json: str) -> None:
     cfg = json.loads(cfg_json)
     runner = {"embedq": child_embedq, "procrastinate": child_procrastinate, "raw": child_raw}
     result = asyncio.run(runner[kind](cfg))
+    result["cpu_s"] = time.process_time() - _cpu_at_go
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def server_cpu_s(postmaster: Any) -> float | None:
+    """CPU seconds used so far by a local PostgreSQL: the postmaster, its live children, and
+    the children it has reaped (connections that ended)."""
+    if postmaster is None:
+        return None
+    import psutil
+
+    t = postmaster.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in postmaster.children():
+        with contextlib.suppress(psutil.Error):
+            c = child.cpu_times()
+            total += c.user + c.system
+    return float(total)
+
+
 async def run_workers(
-    kind: str, cfg: dict[str, Any], processes: int, timeout_s: float
+    kind: str, cfg: dict[str, Any], processes: int, timeout_s: float, postmaster: Any = None
 ) -> dict[str, Any]:
     """Start worker processes, release them together, wait until all exit."""
     procs = []
@@ -229,6 +262,7 @@ async def run_workers(
             line = await asyncio.wait_for(p.stdout.readline(), 120)
             if line.strip() != b"READY":
                 raise fail(f"did not start (got {line!r})")
+        cpu0 = server_cpu_s(postmaster)
         t0 = time.time()
         for p in procs:
             assert p.stdin is not None
@@ -246,10 +280,308 @@ async def run_workers(
         results.append(json.loads(lines[-1][len("RESULT ") :]))
     for log in logs:
         log.close()
-    return {"wall_s": t1 - t0, "go": t0, "workers": results}
+    await asyncio.sleep(0.2)  # let the server reap the workers' connections
+    cpu1 = server_cpu_s(postmaster)
+    server_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return {
+        "wall_s": t1 - t0,
+        "go": t0,
+        "workers": results,
+        "worker_cpu_s": sum(w["cpu_s"] for w in results),
+        "server_cpu_s": server_cpu,
+    }
 
 
 # --- the benchmark ------------------------------------------------------------------------
+
+
+class Claimer:
+    """One backlog of pending no-op jobs to measure claims against."""
+
+    async def claim(self) -> list[int]:
+        raise NotImplementedError
+
+    async def finish(self, ids: list[int]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class EmbedqClaimer(Claimer):
+    def __init__(self, app: Any, worker_id: int, limit: int) -> None:
+        self.app, self.worker_id, self.limit = app, worker_id, limit
+
+    @classmethod
+    async def open(cls, url: str, size: int, limit: int, **opts: Any) -> EmbedqClaimer:
+        import embedq
+
+        app = embedq.App(database_url=url, job_events=opts.get("job_events"))
+        await app.open(migrate=True)
+        async with app.pool.connection() as conn:  # type: ignore[union-attr]
+            await conn.execute("TRUNCATE embedq.jobs, embedq.jobs_archive, embedq.job_events")
+            await conn.execute(
+                "INSERT INTO embedq.jobs (task, args) SELECT %s, jsonb_build_object('i', g) "
+                "FROM generate_series(1, %s) g",
+                (NOOP, size),
+            )
+            await conn.execute("ANALYZE embedq.jobs")
+        [row] = await app.store.fetch(
+            "register_worker",
+            {"name": "bench-claim", "host": socket.gethostname(), "pid": os.getpid(),
+             "queues": None, "concurrency": limit, "version": embedq.__version__},
+        )  # fmt: skip
+        return cls(app, int(row["id"]), limit)
+
+    async def claim(self) -> list[int]:
+        return [j.id for j in await self.app.store.claim(self.worker_id, self.limit)]
+
+    async def finish(self, ids: list[int]) -> None:
+        from embedq import JobSpec
+
+        none = [None] * len(ids)
+        await self.app.store.complete(self.worker_id, ids, none, none)
+        await self.app.enqueue([JobSpec(NOOP, {"i": i}) for i in range(len(ids))])
+
+    async def close(self) -> None:
+        await self.app.close()
+
+
+class RawClaimer(Claimer):
+    def __init__(self, conn: Any, limit: int) -> None:
+        self.conn, self.limit = conn, limit
+
+    @classmethod
+    async def open(cls, url: str, size: int, limit: int, **opts: Any) -> RawClaimer:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        await conn.execute(RAW_SCHEMA)  # type: ignore[arg-type]
+        await conn.execute("TRUNCATE raw_jobs")
+        await conn.execute(
+            "INSERT INTO raw_jobs (payload) SELECT jsonb_build_object('i', g) "
+            "FROM generate_series(1, %s) g",
+            (size,),
+        )
+        await conn.execute("ANALYZE raw_jobs")
+        return cls(conn, limit)
+
+    async def claim(self) -> list[int]:
+        cur = await self.conn.execute(RAW_CLAIM, {"limit": self.limit})
+        return [r[0] for r in await cur.fetchall()]
+
+    async def finish(self, ids: list[int]) -> None:
+        await self.conn.execute(RAW_COMPLETE, {"ids": ids})
+        await self.conn.execute(RAW_INSERT_MANY, ([json.dumps({"i": i}) for i in ids],))
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+# --- systems under test: enqueue one by one, enqueue in bulk, process with worker processes --
+
+
+class Driver:
+    """One system under test. `process` returns (jobs done, active seconds, run_workers())."""
+
+    name = ""
+
+    def __init__(self, bench: Bench, url: str) -> None:
+        self.bench, self.url, self.args = bench, url, bench.args
+
+    async def setup(self) -> None: ...
+
+    async def enqueue_one(self, n: int) -> None: ...
+
+    async def enqueue_bulk(self, n: int) -> None: ...
+
+    async def reset(self) -> None: ...
+
+    async def prepare(self) -> None:
+        """Between enqueueing and processing: fresh planner statistics, as autovacuum would."""
+
+    async def process(self, processes: int, n: int) -> tuple[int, float, dict[str, Any]]:
+        raise NotImplementedError
+
+    async def close(self) -> None: ...
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+
+class EmbedqDriver(Driver):
+    name = "embedq"
+
+    async def setup(self) -> None:
+        import embedq
+
+        overrides: dict[str, Any] = {"database_url": self.url}
+        if self.args.job_events:
+            overrides["job_events"] = self.args.job_events
+        self.app = embedq.App(**overrides)
+        await self.app.open(migrate=True)
+
+    def settings(self) -> dict[str, Any]:
+        s = self.app.settings
+        return {
+            "version": __import__("embedq").__version__,
+            "job_events": s.job_events,
+            "finished_jobs": s.finished_jobs,
+            "worker_concurrency": self.args.concurrency,
+            "claim_batch_size": self.args.batch_size,
+        }
+
+    async def enqueue_one(self, n: int) -> None:
+        from embedq import JobSpec
+
+        for i in range(n):
+            await self.app.enqueue([JobSpec(NOOP, {"i": i})])
+
+    async def enqueue_bulk(self, n: int) -> None:
+        from embedq import JobSpec
+
+        chunk = self.args.chunk
+        for lo in range(0, n, chunk):
+            await self.app.enqueue([JobSpec(NOOP, {"i": i}) for i in range(lo, min(n, lo + chunk))])
+
+    async def reset(self) -> None:
+        await self.bench.sql(
+            "embedq", "TRUNCATE embedq.jobs, embedq.jobs_archive, embedq.job_events"
+        )
+
+    async def prepare(self) -> None:
+        await self.bench.sql("embedq", "ANALYZE embedq.jobs")
+
+    async def process(self, processes: int, n: int) -> tuple[int, float, dict[str, Any]]:
+        a = self.args
+        cfg = {
+            "url": self.url,
+            "concurrency": a.concurrency,
+            "batch_size": a.batch_size,
+            "poll_interval_s": 0.2,
+            "job_events": a.job_events,
+            "profile": a.profile,
+        }
+        run = await run_workers(
+            "embedq", cfg, processes, self.bench.timeout_for(n, 200), self.bench.postmaster
+        )
+        [(done, left, active_s)] = await self.bench.sql(
+            "embedq",
+            "SELECT (SELECT count(*) FROM embedq.jobs_archive WHERE state = 'succeeded'),"
+            " (SELECT count(*) FROM embedq.jobs),"
+            " extract(epoch FROM max(finished_at) - min(started_at))::float8"
+            " FROM embedq.jobs_archive",
+        )
+        if done != n or left != 0:
+            raise RuntimeError(f"embedq: {done} of {n} jobs succeeded, {left} left in the queue")
+        return done, active_s, run
+
+    async def close(self) -> None:
+        await self.app.close()
+
+
+class RawDriver(Driver):
+    name = "raw_sql"
+
+    async def setup(self) -> None:
+        self.conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        await self.conn.execute(RAW_SCHEMA)  # type: ignore[arg-type]
+
+    def settings(self) -> dict[str, Any]:
+        return {"batch_size": self.args.raw_batch}
+
+    async def enqueue_one(self, n: int) -> None:
+        for i in range(n):
+            await self.conn.execute(RAW_INSERT_ONE, (json.dumps({"i": i}),))
+
+    async def enqueue_bulk(self, n: int) -> None:
+        chunk = self.args.chunk
+        for lo in range(0, n, chunk):
+            payloads = [json.dumps({"i": i}) for i in range(lo, min(n, lo + chunk))]
+            await self.conn.execute(RAW_INSERT_MANY, (payloads,))
+
+    async def reset(self) -> None:
+        await self.conn.execute("TRUNCATE raw_jobs")
+
+    async def prepare(self) -> None:
+        await self.conn.execute("ANALYZE raw_jobs")
+
+    async def process(self, processes: int, n: int) -> tuple[int, float, dict[str, Any]]:
+        cfg = {"url": self.url, "batch_size": self.args.raw_batch}
+        run = await run_workers(
+            "raw", cfg, processes, self.bench.timeout_for(n, 1000), self.bench.postmaster
+        )
+        done = sum(w["processed"] for w in run["workers"])
+        cur = await self.conn.execute("SELECT count(*) FROM raw_jobs")
+        left = (await cur.fetchone() or [0])[0]
+        if done != n or left != 0:
+            raise RuntimeError(f"raw_sql: {done} of {n} jobs processed, {left} left")
+        firsts = [w["first"] for w in run["workers"] if w["first"]]
+        active_s = max(w["last"] for w in run["workers"]) - min(firsts)
+        return done, active_s, run
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class ProcrastinateDriver(Driver):
+    name = "procrastinate"
+
+    async def setup(self) -> None:
+        self.app = make_procrastinate_app(self.url, 4)
+        await self.app.open_async()
+        await self.app.schema_manager.apply_schema_async()
+        self.noop = self.app.tasks[PROC_NOOP]
+
+    def settings(self) -> dict[str, Any]:
+        import procrastinate
+
+        return {
+            "version": procrastinate.__version__,
+            "concurrency": self.args.procrastinate_concurrency,
+        }
+
+    async def enqueue_one(self, n: int) -> None:
+        for i in range(n):
+            await self.noop.defer_async(i=i)
+
+    async def enqueue_bulk(self, n: int) -> None:
+        chunk = self.args.chunk
+        for lo in range(0, n, chunk):
+            await self.noop.batch_defer_async(*({"i": i} for i in range(lo, min(n, lo + chunk))))
+
+    async def reset(self) -> None:
+        await self.bench.sql(
+            "procrastinate", "TRUNCATE procrastinate_events, procrastinate_jobs CASCADE"
+        )
+
+    async def prepare(self) -> None:
+        await self.bench.sql("procrastinate", "ANALYZE procrastinate_jobs")
+
+    async def process(self, processes: int, n: int) -> tuple[int, float, dict[str, Any]]:
+        cfg = {"url": self.url, "concurrency": self.args.procrastinate_concurrency}
+        run = await run_workers(
+            "procrastinate", cfg, processes, self.bench.timeout_for(n, 20), self.bench.postmaster
+        )
+        [(done, left, active_s)] = await self.bench.sql(
+            "procrastinate",
+            "SELECT (SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'),"
+            " (SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'),"
+            " extract(epoch FROM max(at) FILTER (WHERE type = 'succeeded')"
+            "  - min(at) FILTER (WHERE type = 'started'))::float8"
+            " FROM procrastinate_events",
+        )
+        if done != n or left != 0:
+            raise RuntimeError(f"procrastinate: {done} of {n} jobs succeeded, {left} left")
+        return done, active_s, run
+
+    async def close(self) -> None:
+        await self.app.close_async()
+
+
+DRIVERS: dict[str, type[Driver]] = {
+    "raw_sql": RawDriver,
+    "embedq": EmbedqDriver,
+    "procrastinate": ProcrastinateDriver,
+}
 
 
 class Bench:
@@ -258,41 +590,37 @@ class Bench:
         self.server_url = server_url
         self.urls = {k: with_database(server_url, v) for k, v in DB_NAMES.items()}
         self.results: dict[str, dict[str, Any]] = {}
-        self.rows: list[tuple[str, str, int, float, float, float | None]] = []
+        # system, scenario, jobs, runs, median jobs/s, best jobs/s, median wall jobs/s,
+        # worker CPU us/job, server CPU us/job
+        self.rows: list[tuple[Any, ...]] = []
+        self.postmaster: Any = None
         self.latency_rows: list[tuple[str, int, float, float, float]] = []
 
     def say(self, msg: str) -> None:
         if not self.args.no_progress:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    def record(
-        self,
-        system: str,
-        scenario: str,
-        n: int,
-        seconds: float,
-        per_s: float,
-        wall_per_s: float | None = None,
-    ) -> None:
-        self.rows.append((system, scenario, n, seconds, per_s, wall_per_s))
-
-    async def timed(self, fn: Callable[[], Awaitable[Any]]) -> float:
-        t = time.perf_counter()
-        await fn()
-        return time.perf_counter() - t
-
     # --- databases ---
+
+    def find_postmaster(self) -> None:
+        """The embedded server's main process, to measure the server's CPU time."""
+        import psutil
+
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        with contextlib.suppress(psutil.Error, TypeError):
+            self.postmaster = psutil.Process(row[0]).parent() if row else None
 
     def create_databases(self) -> None:
         with psycopg.connect(self.server_url, autocommit=True) as conn:
             for name in DB_NAMES.values():
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-                conn.execute(f"CREATE DATABASE {name}")
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+                conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
 
     def drop_databases(self) -> None:
         with psycopg.connect(self.server_url, autocommit=True) as conn:
             for name in DB_NAMES.values():
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
 
     async def sql(self, system: str, *statements: str) -> list[Any]:
         """Run statements on a system's database; the last one's rows come back."""
@@ -310,327 +638,134 @@ class Bench:
             row = conn.execute("SHOW server_version").fetchone()
             return str(row[0]) if row else "?"
 
-    # --- processing runs ---
-
     def process_counts(self) -> list[int]:
         return [int(x) for x in self.args.workers.split(",")]
 
     def timeout_for(self, n: int, floor_rate: float) -> float:
         return max(self.args.timeout, 60 + n / floor_rate)
 
-    # --- embedq ---
+    # --- throughput ---
 
-    async def embedq(self) -> None:
-        import embedq
-        from embedq import JobSpec
-
+    async def throughput(self, system: str) -> None:
         a = self.args
-        url = self.urls["embedq"]
-        out: dict[str, Any] = {}
-        overrides: dict[str, Any] = {"database_url": url}
-        if a.job_events:
-            overrides["job_events"] = a.job_events
-        app = embedq.App(**overrides)
-        await app.open(migrate=True)
-        out["settings"] = {
-            "job_events": app.settings.job_events,
-            "finished_jobs": app.settings.finished_jobs,
-            "concurrency": a.concurrency,
-            "batch_size": a.batch_size,
-        }
-        reset = "TRUNCATE embedq.jobs, embedq.jobs_archive, embedq.job_events"
+        n = a.procrastinate_jobs if system == "procrastinate" else a.jobs
+        driver = DRIVERS[system](self, self.urls[system])
+        await driver.setup()
+        out: dict[str, Any] = {"jobs": n}
         try:
-            # one by one
-            n1 = min(a.jobs, a.one_by_one)
-            self.say(f"embedq: enqueue {n1} jobs one by one")
-
-            async def one_by_one() -> None:
-                for i in range(n1):
-                    await app.enqueue([JobSpec(NOOP, {"i": i})])
-
-            s = await self.timed(one_by_one)
-            out["enqueue_one_per_s"] = rate(n1, s)
-            self.record("embedq", "enqueue one by one", n1, s, out["enqueue_one_per_s"])
-            await self.sql("embedq", reset)
-
-            bulk_rates = []
-            for processes in self.process_counts():
-                self.say(f"embedq: bulk enqueue {a.jobs} jobs")
-
-                async def bulk() -> None:
-                    for lo in range(0, a.jobs, a.chunk):
-                        hi = min(a.jobs, lo + a.chunk)
-                        await app.enqueue([JobSpec(NOOP, {"i": i}) for i in range(lo, hi)])
-
-                s = await self.timed(bulk)
-                bulk_rates.append(rate(a.jobs, s))
-                self.record("embedq", f"bulk enqueue ({a.chunk}/call)", a.jobs, s, bulk_rates[-1])
-                await self.sql("embedq", "ANALYZE embedq.jobs")
-
-                self.say(f"embedq: process {a.jobs} jobs with {processes} worker process(es)")
-                cfg = {
-                    "url": url,
-                    "concurrency": a.concurrency,
-                    "batch_size": a.batch_size,
-                    "poll_interval_s": 0.2,
-                    "job_events": a.job_events,
-                    "profile": a.profile,
-                }
-                run = await run_workers("embedq", cfg, processes, self.timeout_for(a.jobs, 200))
-                [(done, left, active_s)] = await self.sql(
-                    "embedq",
-                    "SELECT (SELECT count(*) FROM embedq.jobs_archive WHERE state = 'succeeded'),"
-                    " (SELECT count(*) FROM embedq.jobs),"
-                    " extract(epoch FROM max(finished_at) - min(started_at))::float8"
-                    " FROM embedq.jobs_archive",
-                )
-                if done != a.jobs or left != 0:
-                    raise RuntimeError(
-                        f"embedq: {done} of {a.jobs} jobs succeeded, {left} left in the queue"
-                    )
-                per_s, wall = rate(done, active_s), rate(done, run["wall_s"])
-                out[f"processed_{processes}w_per_s"] = per_s
-                out[f"processed_{processes}w_wall_per_s"] = wall
-                out[f"processed_{processes}w_active_s"] = round(active_s, 3)
-                out[f"processed_{processes}w_wall_s"] = round(run["wall_s"], 3)
-                self.record(
-                    "embedq", f"process, {processes} worker(s)", done, active_s, per_s, wall
-                )
-                await self.sql("embedq", reset)
-            out["bulk_enqueue_per_s"] = max(bulk_rates)
-            out["bulk_enqueue_runs_per_s"] = bulk_rates
-            out["processed_per_s"] = max(
-                out[f"processed_{p}w_per_s"] for p in self.process_counts()
-            )
-            out["processed_wall_per_s"] = max(
-                out[f"processed_{p}w_wall_per_s"] for p in self.process_counts()
-            )
-
-            await self.embedq_claim_latency(app, out)
-        finally:
-            await app.close()
-        self.results["embedq"] = out
-
-    async def embedq_claim_latency(self, app: Any, out: dict[str, Any]) -> None:
-        from embedq import JobSpec, __version__
-
-        a = self.args
-        store = app.store
-        [row] = await store.fetch(
-            "register_worker",
-            {"name": "bench-claim", "host": socket.gethostname(), "pid": os.getpid(),
-             "queues": None, "concurrency": a.claim_limit, "version": __version__},
-        )  # fmt: skip
-        wid = int(row["id"])
-        for label, size in (("small", a.claim_small), ("large", a.claim_large)):
-            self.say(f"embedq: claim latency with {size:,} pending jobs")
-            await self.sql("embedq", "TRUNCATE embedq.jobs, embedq.jobs_archive, embedq.job_events")
-            t = time.perf_counter()
-            await self.sql(
-                "embedq",
-                "INSERT INTO embedq.jobs (task, args) SELECT 'embedq.noop', "
-                f"jsonb_build_object('i', g) FROM generate_series(1, {int(size)}) g",
-                "ANALYZE embedq.jobs",
-            )
-            self.say(f"embedq: backlog of {size:,} built in {time.perf_counter() - t:.1f} s")
-            lat: list[float] = []
-            for k in range(a.claims + a.claim_warmup):
-                t = time.perf_counter()
-                jobs = await store.claim(wid, a.claim_limit)
-                elapsed = time.perf_counter() - t
-                if k >= a.claim_warmup:
-                    lat.append(elapsed * 1000)
-                ids = [j.id for j in jobs]
-                await store.complete(wid, ids, [None] * len(ids), [None] * len(ids))
-                # keep the backlog at its size: replace what was taken
-                await app.enqueue([JobSpec(NOOP, {"i": i}) for i in range(len(ids))])
-            p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
-            out[f"claim_p50_ms_{label}"] = round(p50, 3)
-            out[f"claim_p99_ms_{label}"] = round(p99, 3)
-            out[f"claim_mean_ms_{label}"] = round(statistics.fmean(lat), 3)
-            self.latency_rows.append(("embedq", size, p50, p99, statistics.fmean(lat)))
-        await self.sql("embedq", "TRUNCATE embedq.jobs, embedq.jobs_archive, embedq.job_events")
-        out["claim_p99_ratio"] = round(out["claim_p99_ms_large"] / out["claim_p99_ms_small"], 3)
-
-    # --- raw SQL ---
-
-    async def raw_sql(self) -> None:
-        a = self.args
-        url = self.urls["raw_sql"]
-        out: dict[str, Any] = {"settings": {"batch_size": a.raw_batch}}
-        await self.sql("raw_sql", RAW_SCHEMA)
-        reset = "TRUNCATE raw_jobs"
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            n1 = min(a.jobs, a.one_by_one)
-            self.say(f"raw_sql: insert {n1} jobs one by one")
-
-            async def one_by_one() -> None:
-                for i in range(n1):
-                    await conn.execute(RAW_INSERT_ONE, (json.dumps({"i": i}),))
-
-            s = await self.timed(one_by_one)
-            out["enqueue_one_per_s"] = rate(n1, s)
-            self.record("raw_sql", "enqueue one by one", n1, s, out["enqueue_one_per_s"])
-            await conn.execute(reset)
-
-            bulk_rates = []
-            for processes in self.process_counts():
-                self.say(f"raw_sql: bulk insert {a.jobs} jobs")
-
-                async def bulk() -> None:
-                    for lo in range(0, a.jobs, a.chunk):
-                        hi = min(a.jobs, lo + a.chunk)
-                        payloads = [json.dumps({"i": i}) for i in range(lo, hi)]
-                        await conn.execute(RAW_INSERT_MANY, (payloads,))
-
-                s = await self.timed(bulk)
-                bulk_rates.append(rate(a.jobs, s))
-                self.record("raw_sql", f"bulk enqueue ({a.chunk}/call)", a.jobs, s, bulk_rates[-1])
-                await conn.execute("ANALYZE raw_jobs")
-
-                self.say(f"raw_sql: process {a.jobs} jobs with {processes} process(es)")
-                run = await run_workers(
-                    "raw",
-                    {"url": url, "batch_size": a.raw_batch},
-                    processes,
-                    self.timeout_for(a.jobs, 1000),
-                )
-                done = sum(w["processed"] for w in run["workers"])
-                cur = await conn.execute("SELECT count(*) FROM raw_jobs")
-                left = (await cur.fetchone() or [0])[0]
-                if done != a.jobs or left != 0:
-                    raise RuntimeError(f"raw_sql: {done} of {a.jobs} processed, {left} left")
-                firsts = [w["first"] for w in run["workers"] if w["first"]]
-                active_s = max(w["last"] for w in run["workers"]) - min(firsts)
-                per_s, wall = rate(done, active_s), rate(done, run["wall_s"])
-                out[f"processed_{processes}w_per_s"] = per_s
-                out[f"processed_{processes}w_wall_per_s"] = wall
-                out[f"processed_{processes}w_active_s"] = round(active_s, 3)
-                out[f"processed_{processes}w_wall_s"] = round(run["wall_s"], 3)
-                self.record(
-                    "raw_sql", f"process, {processes} worker(s)", done, active_s, per_s, wall
-                )
-                await conn.execute(reset)
-            out["bulk_enqueue_per_s"] = max(bulk_rates)
-            out["bulk_enqueue_runs_per_s"] = bulk_rates
-            out["processed_per_s"] = max(
-                out[f"processed_{p}w_per_s"] for p in self.process_counts()
-            )
-            out["processed_wall_per_s"] = max(
-                out[f"processed_{p}w_wall_per_s"] for p in self.process_counts()
-            )
-            await self.raw_claim_latency(conn, out)
-        self.results["raw_sql"] = out
-
-    async def raw_claim_latency(self, conn: Any, out: dict[str, Any]) -> None:
-        a = self.args
-        for label, size in (("small", a.claim_small), ("large", a.claim_large)):
-            self.say(f"raw_sql: claim latency with {size:,} pending jobs")
-            await conn.execute("TRUNCATE raw_jobs")
-            await conn.execute(
-                "INSERT INTO raw_jobs (payload) SELECT jsonb_build_object('i', g) "
-                f"FROM generate_series(1, {int(size)}) g"
-            )
-            await conn.execute("ANALYZE raw_jobs")
-            lat: list[float] = []
-            for k in range(a.claims + a.claim_warmup):
-                t = time.perf_counter()
-                cur = await conn.execute(RAW_CLAIM, {"limit": a.claim_limit})
-                ids = [r[0] for r in await cur.fetchall()]
-                elapsed = time.perf_counter() - t
-                if k >= a.claim_warmup:
-                    lat.append(elapsed * 1000)
-                await conn.execute(RAW_COMPLETE, {"ids": ids})
-                await conn.execute(
-                    RAW_INSERT_MANY, ([json.dumps({"i": i}) for i in range(len(ids))],)
-                )
-            p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
-            out[f"claim_p50_ms_{label}"] = round(p50, 3)
-            out[f"claim_p99_ms_{label}"] = round(p99, 3)
-            out[f"claim_mean_ms_{label}"] = round(statistics.fmean(lat), 3)
-            self.latency_rows.append(("raw_sql", size, p50, p99, statistics.fmean(lat)))
-        await conn.execute("TRUNCATE raw_jobs")
-        out["claim_p99_ratio"] = round(out["claim_p99_ms_large"] / out["claim_p99_ms_small"], 3)
-
-    # --- Procrastinate ---
-
-    async def procrastinate(self) -> None:
-        import procrastinate
-
-        a = self.args
-        url = self.urls["procrastinate"]
-        n = a.procrastinate_jobs
-        out: dict[str, Any] = {
-            "version": procrastinate.__version__,
-            "jobs": n,
-            "settings": {"concurrency": a.procrastinate_concurrency},
-        }
-        app = make_procrastinate_app(url, 4)
-        reset = "TRUNCATE procrastinate_events, procrastinate_jobs CASCADE"
-        async with app.open_async():
-            await app.schema_manager.apply_schema_async()
-            noop = app.tasks[PROC_NOOP]
+            out["settings"] = driver.settings()
             n1 = min(n, a.one_by_one)
-            self.say(f"procrastinate: defer {n1} jobs one by one")
-
-            async def one_by_one() -> None:
-                for i in range(n1):
-                    await noop.defer_async(i=i)
-
-            s = await self.timed(one_by_one)
-            out["enqueue_one_per_s"] = rate(n1, s)
-            self.record("procrastinate", "enqueue one by one", n1, s, out["enqueue_one_per_s"])
-            await self.sql("procrastinate", reset)
-
-            bulk_rates = []
+            self.say(f"{system}: enqueue {n1:,} jobs one by one")
+            t = time.perf_counter()
+            await driver.enqueue_one(n1)
+            out["enqueue_one_per_s"] = rate(n1, time.perf_counter() - t)
+            self.rows.append(
+                (system, "enqueue one by one", n1, 1, out["enqueue_one_per_s"],
+                 out["enqueue_one_per_s"], None, None, None)
+            )  # fmt: skip
+            bulk: list[float] = []
             for processes in self.process_counts():
-                self.say(f"procrastinate: batch_defer {n} jobs")
+                runs: list[float] = []
+                walls: list[float] = []
+                worker_cpu: list[float] = []
+                server_cpu: list[float] = []
+                for r in range(a.repeat):
+                    await driver.reset()
+                    self.say(f"{system}: bulk enqueue {n:,} jobs")
+                    t = time.perf_counter()
+                    await driver.enqueue_bulk(n)
+                    bulk.append(rate(n, time.perf_counter() - t))
+                    await driver.prepare()
+                    self.say(
+                        f"{system}: process {n:,} jobs with {processes} worker process(es), "
+                        f"run {r + 1}/{a.repeat}"
+                    )
+                    done, active_s, run = await driver.process(processes, n)
+                    runs.append(rate(done, active_s))
+                    walls.append(rate(done, run["wall_s"]))
+                    worker_cpu.append(round(run["worker_cpu_s"] / done * 1e6, 1))
+                    if run["server_cpu_s"] is not None:
+                        server_cpu.append(round(run["server_cpu_s"] / done * 1e6, 1))
+                    self.say(
+                        f"{system}: {runs[-1]:,.0f} jobs/s ({walls[-1]:,.0f} wall); CPU per "
+                        f"job: workers {worker_cpu[-1]:.0f} us, server "
+                        + (f"{server_cpu[-1]:.0f} us" if server_cpu else "?")
+                    )
+                key = f"processed_{processes}w"
+                out[f"{key}_per_s"] = median(runs)
+                out[f"{key}_best_per_s"] = max(runs)
+                out[f"{key}_wall_per_s"] = median(walls)
+                out[f"{key}_runs_per_s"] = runs
+                out[f"{key}_wall_runs_per_s"] = walls
+                out[f"{key}_worker_cpu_us_per_job"] = median(worker_cpu)
+                out[f"{key}_server_cpu_us_per_job"] = median(server_cpu) if server_cpu else None
+                out[f"{key}_worker_cpu_runs_us_per_job"] = worker_cpu
+                out[f"{key}_server_cpu_runs_us_per_job"] = server_cpu
+                label = f"process, {processes} worker{'s' if processes > 1 else ''}"
+                self.rows.append(
+                    (system, label, n, len(runs), median(runs), max(runs), median(walls),
+                     median(worker_cpu), median(server_cpu) if server_cpu else None)
+                )  # fmt: skip
+            await driver.reset()
+        finally:
+            await driver.close()
+        self.rows.insert(
+            len(self.rows) - len(self.process_counts()),
+            (system, f"bulk enqueue ({a.chunk:,}/call)", n, len(bulk),
+             median(bulk), max(bulk), None, None, None),
+        )  # fmt: skip
+        counts = self.process_counts()
+        out["bulk_enqueue_per_s"] = median(bulk)
+        out["bulk_enqueue_best_per_s"] = max(bulk)
+        out["bulk_enqueue_runs_per_s"] = bulk
+        out["processed_per_s"] = max(out[f"processed_{p}w_per_s"] for p in counts)
+        out["processed_best_per_s"] = max(out[f"processed_{p}w_best_per_s"] for p in counts)
+        out["processed_wall_per_s"] = max(out[f"processed_{p}w_wall_per_s"] for p in counts)
+        self.results.setdefault(system, {}).update(out)
 
-                async def bulk() -> None:
-                    for lo in range(0, n, a.chunk):
-                        hi = min(n, lo + a.chunk)
-                        await noop.batch_defer_async(*({"i": i} for i in range(lo, hi)))
+    # --- claim latency ---
 
-                s = await self.timed(bulk)
-                bulk_rates.append(rate(n, s))
-                self.record("procrastinate", f"bulk enqueue ({a.chunk}/call)", n, s, bulk_rates[-1])
-                await self.sql("procrastinate", "ANALYZE procrastinate_jobs")
-
-                self.say(f"procrastinate: process {n} jobs with {processes} worker process(es)")
-                run = await run_workers(
-                    "procrastinate",
-                    {"url": url, "concurrency": a.procrastinate_concurrency},
-                    processes,
-                    self.timeout_for(n, 20),
+    async def claim_latency(self, system: str) -> None:
+        """Claim latency with a small and a large backlog, each in its own database, claims
+        alternating between the two so that noise from the machine hits both alike. After each
+        claim the jobs are completed and as many new ones enqueued: the backlog keeps its size."""
+        a = self.args
+        make = {"embedq": EmbedqClaimer, "raw_sql": RawClaimer}[system]
+        sizes = {"small": a.claim_small, "large": a.claim_large}
+        claimers: dict[str, Claimer] = {}
+        try:
+            for label, size in sizes.items():
+                key = system if label == "small" else f"{system}_large"
+                self.say(f"{system}: building a backlog of {size:,} pending jobs")
+                t = time.perf_counter()
+                claimers[label] = await make.open(
+                    self.urls[key], size, a.claim_limit, job_events=a.job_events
                 )
-                [(done, left, active_s)] = await self.sql(
-                    "procrastinate",
-                    "SELECT (SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'),"
-                    " (SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'),"
-                    " extract(epoch FROM max(at) FILTER (WHERE type = 'succeeded')"
-                    "  - min(at) FILTER (WHERE type = 'started'))::float8"
-                    " FROM procrastinate_events",
-                )
-                if done != n or left != 0:
-                    raise RuntimeError(f"procrastinate: {done} of {n} succeeded, {left} left")
-                per_s, wall = rate(done, active_s), rate(done, run["wall_s"])
-                out[f"processed_{processes}w_per_s"] = per_s
-                out[f"processed_{processes}w_wall_per_s"] = wall
-                out[f"processed_{processes}w_active_s"] = round(active_s, 3)
-                out[f"processed_{processes}w_wall_s"] = round(run["wall_s"], 3)
-                self.record(
-                    "procrastinate", f"process, {processes} worker(s)", done, active_s, per_s, wall
-                )
-                await self.sql("procrastinate", reset)
-            out["bulk_enqueue_per_s"] = max(bulk_rates)
-            out["bulk_enqueue_runs_per_s"] = bulk_rates
-            out["processed_per_s"] = max(
-                out[f"processed_{p}w_per_s"] for p in self.process_counts()
-            )
-            out["processed_wall_per_s"] = max(
-                out[f"processed_{p}w_wall_per_s"] for p in self.process_counts()
-            )
-        self.results["procrastinate"] = out
+                self.say(f"{system}: backlog of {size:,} built in {time.perf_counter() - t:.1f} s")
+            self.say(f"{system}: {a.claims} claims of {a.claim_limit} on each backlog")
+            lat: dict[str, list[float]] = {label: [] for label in sizes}
+            for k in range(a.claims + a.claim_warmup):
+                for label in ("small", "large") if k % 2 == 0 else ("large", "small"):
+                    c = claimers[label]
+                    t = time.perf_counter()
+                    ids = await c.claim()
+                    elapsed = time.perf_counter() - t
+                    if len(ids) != a.claim_limit:
+                        raise RuntimeError(f"{system}: a claim got {len(ids)} jobs")
+                    if k >= a.claim_warmup:
+                        lat[label].append(elapsed * 1000)
+                    await c.finish(ids)
+        finally:
+            for c in claimers.values():
+                await c.close()
+        out = self.results.setdefault(system, {})
+        for label, values in lat.items():
+            p50, p99, mean = pct(values, 0.5), pct(values, 0.99), statistics.fmean(values)
+            out[f"claim_p50_ms_{label}"] = round(p50, 3)
+            out[f"claim_p99_ms_{label}"] = round(p99, 3)
+            out[f"claim_mean_ms_{label}"] = round(mean, 3)
+            self.latency_rows.append((system, sizes[label], p50, p99, mean))
+        out["claim_p99_ratio"] = round(out["claim_p99_ms_large"] / out["claim_p99_ms_small"], 3)
 
     # --- output ---
 
@@ -638,27 +773,36 @@ class Bench:
         from rich.console import Console
         from rich.table import Table
 
-        console = Console(width=max(100, shutil.get_terminal_size((120, 20)).columns))
+        console = Console() if sys.stdout.isatty() else Console(width=140)
         t = Table(
             title=f"No-op jobs, one PostgreSQL {config['server_version']} server, "
             f"{config['cores']} cores",
-            caption="processing: jobs / (last completion - first claim) as the database "
-            "recorded them; wall: from the start barrier until all workers exited",
+            caption="Jobs/s: median of the runs. Processing: jobs / (last completion - first "
+            "claim) as recorded in the database; wall: from the start barrier until every "
+            "worker process exited. CPU: worker processes' and the PostgreSQL server's (its "
+            "background processes included; embedded server only) CPU time per job.",
         )
         t.add_column("System")
         t.add_column("Scenario")
         t.add_column("Jobs", justify="right")
-        t.add_column("Seconds", justify="right")
+        t.add_column("Runs", justify="right")
         t.add_column("Jobs/s", justify="right")
+        t.add_column("Best", justify="right")
         t.add_column("Jobs/s (wall)", justify="right")
+        t.add_column("Worker CPU µs/job", justify="right")
+        t.add_column("Server CPU µs/job", justify="right")
         last = None
-        for system, scenario, n, s, per_s, wall in self.rows:
+
+        def num(v: float | None) -> str:
+            return f"{v:,.0f}" if v is not None else ""
+
+        for system, scenario, n, runs, mid, best, wall, wcpu, scpu in self.rows:
             if last is not None and system != last:
                 t.add_section()
             last = system
             t.add_row(
-                system, scenario, f"{n:,}", f"{s:.3f}", f"{per_s:,.0f}",
-                f"{wall:,.0f}" if wall is not None else "",
+                system, scenario, f"{n:,}", str(runs), num(mid), num(best), num(wall),
+                num(wcpu), num(scpu),
             )  # fmt: skip
         console.print(t)
 
@@ -720,18 +864,23 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     started = time.time()
     bench.say(f"server: {urlsplit(url).path or url}; creating scratch databases")
     bench.create_databases()
+    if not args.database_url:
+        bench.find_postmaster()
     try:
-        await bench.raw_sql()
-        await bench.embedq()
-        if not args.skip_procrastinate:
-            await bench.procrastinate()
+        for system in args.systems:
+            await bench.throughput(system)
+        for system in ("raw_sql", "embedq"):
+            if system in args.systems and args.claims > 0:
+                await bench.claim_latency(system)
     finally:
         bench.drop_databases()
     config = {
         "jobs": args.jobs,
-        "procrastinate_jobs": None if args.skip_procrastinate else args.procrastinate_jobs,
+        "systems": args.systems,
+        "procrastinate_jobs": args.procrastinate_jobs if "procrastinate" in args.systems else None,
         "one_by_one_jobs": min(args.jobs, args.one_by_one),
         "chunk": args.chunk,
+        "repeat": args.repeat,
         "worker_processes": bench.process_counts(),
         "embedq_concurrency": args.concurrency,
         "embedq_batch_size": args.batch_size,
@@ -777,6 +926,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="embedq's job_events setting (default: embedq's own default)",
     )
     p.add_argument("--workers", default="1,4", help="worker process counts to run")
+    p.add_argument("--repeat", type=int, default=3, help="runs per worker process count")
     p.add_argument("--chunk", type=int, default=5_000, help="jobs per bulk enqueue call")
     p.add_argument("--one-by-one", type=int, default=2_000, help="jobs enqueued one by one")
     p.add_argument("--procrastinate-jobs", type=int, default=2_000)
@@ -791,7 +941,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600, help="seconds per processing run")
     p.add_argument("--profile", help="cProfile embedq workers into PROFILE.<n>w.<i>")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--systems",
+        default="raw_sql,embedq,procrastinate",
+        help="comma-separated subset of raw_sql, embedq, procrastinate",
+    )
     args = p.parse_args(argv)
+    args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    unknown = set(args.systems) - {"raw_sql", "embedq", "procrastinate"}
+    if unknown:
+        p.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if args.skip_procrastinate and "procrastinate" in args.systems:
+        args.systems.remove("procrastinate")
     if args.claim_large is None:
         args.claim_large = 100_000 if args.quick else 1_000_000
     return args
