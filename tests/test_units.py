@@ -218,3 +218,10 @@ async def test_pool_connections_speak_pgvector(app: embedq.App) -> None:
         row = await cur.fetchone()
     assert row is not None and not isinstance(row["v"], str)  # parsed by pgvector, not text
     assert list(row["v"].to_list()) == [1.0, 2.0, 3.0]
+
+
+def test_heartbeat_must_fit_in_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDQ_LEASE_S", "3")
+    with pytest.raises(ConfigurationError, match=r"heartbeat_s \(5\) must be at most half"):
+        Settings.load()
+    assert Settings.load(cli={"heartbeat_s": 1}).heartbeat_s == 1

@@ -9,6 +9,7 @@ error classes:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -112,7 +113,19 @@ def translated(url: str | None = None) -> Iterator[None]:
     except EmbedqError:
         raise
     except (psycopg.Error, PoolTimeout, OSError, TimeoutError) as exc:
+        if _being_cancelled():
+            # psycopg turns a cancelled coroutine into QueryCanceled; hand the cancellation
+            # back, or a loop that retries database errors would swallow its own shutdown.
+            raise asyncio.CancelledError from exc
         raise map_error(exc, url) from exc
+
+
+def _being_cancelled() -> bool:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop: synchronous code
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -167,6 +175,16 @@ class Settings(BaseSettings):
         default=None, description="API key for the OpenAI provider (stored encrypted)."
     )
 
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s:g}) must be at most half of lease_s "
+                f"({self.lease_s:g}), or healthy workers would lose their jobs; lower "
+                "EMBEDQ_HEARTBEAT_S or raise EMBEDQ_LEASE_S"
+            )
+        return self
+
     @field_validator("db_schema")
     @classmethod
     def _valid_schema(cls, v: str) -> str:
@@ -263,7 +281,10 @@ def describe_validation_error(
     """One line per invalid setting, naming where its bad value came from and how to set it."""
     lines = []
     for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a rule across settings: its message names them and the fix
+            lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+            continue
+        name = str(err["loc"][0])
         if name not in Settings.model_fields:
             name = next((f for f in Settings.model_fields if name in (env_names(f) or [])), name)
         where = _source_of(name, cli, database) if name in Settings.model_fields else "input"

@@ -172,8 +172,7 @@ class Task:
     def _takes_any_kwargs(self) -> bool:
         params = list(self._signature.parameters.values())
         return all(
-            p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty
-            for p in params
+            p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty for p in params
         ) and any(p.kind is p.VAR_KEYWORD for p in params)
 
     async def run(self, context: JobContext, executor: Any) -> Any:

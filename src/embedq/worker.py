@@ -109,6 +109,11 @@ class Worker:
             max_workers=min(self.concurrency, 256), thread_name_prefix="embedq-task"
         )
         self._owns_app = False
+        self._closing = False
+        self._jobs: dict[int, Job] = {}
+        # Plain-function tasks still running in threads after their jobs were released at
+        # shutdown; Python cannot stop a thread, so the process must exit without waiting.
+        self.abandoned_threads = 0
 
     # --- state ---------------------------------------------------------------------------
 
@@ -182,7 +187,7 @@ class Worker:
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        helpers = [
+        self._helpers = helpers = [
             asyncio.create_task(self._listen(), name="listen"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._flush_loop(), name="complete"),
@@ -192,13 +197,24 @@ class Worker:
             await self._claim_loop()
             await self._drain()
         finally:
-            for h in helpers:
-                h.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await self._stop_helpers(helpers)
             await self._shutdown()
             if self.install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+
+    async def _stop_helpers(self, helpers: list[asyncio.Task[None]]) -> None:
+        """Cancel the helper loops, again if need be: a cancellation that lands inside a
+        database call can come back as a database error, which a retrying loop would absorb."""
+        self._closing = True
+        pending = set(helpers)
+        for _ in range(20):
+            for h in pending:
+                h.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+            if not pending:
+                return
+        log.warning("helper loops did not stop: %s", sorted(h.get_name() for h in pending))
 
     async def _claim_loop(self) -> None:
         backoff = _Backoff()
@@ -219,6 +235,12 @@ class Worker:
             backoff.reset()
             self._db_back()
             for job in jobs:
+                stale = self._running.get(job.id)
+                if stale is not None:
+                    # Our lease on it expired (a stall longer than the lease) and we claimed it
+                    # again: the old copy no longer owns the job, so it must stop.
+                    stale.cancel()
+                self._jobs[job.id] = job
                 self._running[job.id] = asyncio.create_task(self._execute(job))
             if len(jobs) < want:
                 if self.exit_when_idle and not jobs and not self._held_count():
@@ -242,7 +264,9 @@ class Worker:
         try:
             await self._execute_inner(job)
         finally:
-            self._running.pop(job.id, None)
+            if self._running.get(job.id) is asyncio.current_task():
+                del self._running[job.id]
+                del self._jobs[job.id]
             self._slot_free.set()
             if job.lock_key is not None or (self.exit_when_idle and not self._running):
                 self._wake.set()  # the next job with this lock key may now run
@@ -350,6 +374,8 @@ class Worker:
             self._done_added.clear()
             while self._done:
                 if not await self._flush():
+                    if self._closing:
+                        return  # the final flush in _shutdown records the rest
                     await asyncio.sleep(backoff.next())
                     continue
                 backoff.reset()
@@ -369,6 +395,11 @@ class Worker:
             self._db_lost(exc, "recording completions")
             self._done = batch + self._done
             return False
+        except BaseException:
+            # Cancelled mid-flight (shutdown): keep the batch so the final flush records it;
+            # the worker-id guard makes a second attempt harmless if this one landed.
+            self._done = batch + self._done
+            raise
         finally:
             self._flushing = []
         self._db_back()
@@ -394,6 +425,8 @@ class Worker:
             try:
                 alive = await self.store.heartbeat(self.id, held, state)
             except DatabaseError as exc:
+                if self._closing:
+                    return
                 self._db_lost(exc, "renewing leases")
                 continue
             self._db_back()
@@ -423,6 +456,8 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except (DatabaseError, psycopg.Error, OSError) as exc:
+                if self._closing:
+                    return
                 self._db_lost(exc, "listening for new jobs")
                 await asyncio.sleep(backoff.next())
 
@@ -451,6 +486,8 @@ class Worker:
                     last_cleanup = time.monotonic()
                     await self._cleanup()
             except DatabaseError as exc:
+                if self._closing:
+                    return
                 self._db_lost(exc, "reclaiming expired leases")
             await asyncio.sleep(every if not periodic else min(every, 1.0))
 
@@ -523,6 +560,11 @@ class Worker:
 
     async def _shutdown(self) -> None:
         unfinished = list(self._running)
+        self.abandoned_threads = sum(
+            1
+            for job_id in unfinished
+            if (t := self.app.tasks.get(self._jobs[job_id].task)) is not None and not t.is_async
+        )
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)

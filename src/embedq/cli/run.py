@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 
 import typer
 
@@ -49,6 +51,15 @@ def worker(
         exit_when_idle=exit_when_idle,
     )
     asyncio.run(w.run())
+    if w.abandoned_threads:
+        # Their jobs were released and may already run elsewhere: do not wait for the threads.
+        logging.getLogger("embedq.worker").warning(
+            "%d task threads still running after their jobs were released; exiting without "
+            "waiting for them",
+            w.abandoned_threads,
+        )
+        logging.shutdown()
+        os._exit(0)
 
 
 def demo(
