@@ -80,7 +80,8 @@ class Workers:
         log = log_path.open("wb")
         popen = subprocess.Popen(
             [sys.executable, "-m", "embedq", "worker", "--app", "chaos_app:app", *args],
-            env=cli_env(db_url, **(env or {})),
+            # the full audit trail is what these tests read
+            env=cli_env(db_url, **{"EMBEDQ_JOB_EVENTS": "all", **(env or {})}),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -141,7 +142,7 @@ def wait_for(
 
 def enqueue(url: str, specs: Sequence[JobSpec]) -> list[int]:
     """Enqueue in one round trip, as a producer would, on our own connection."""
-    app = embedq.App(database_url=url)
+    app = embedq.App(database_url=url, job_events="all")
     with psycopg.connect(url, autocommit=True) as conn:
         return [t.id for t in app.enqueue_sync(specs, connection=conn)]
 

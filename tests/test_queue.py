@@ -388,13 +388,29 @@ def test_sync_defer_with_and_without_a_caller_connection(db_url: str) -> None:
     asyncio.run(app.close())
 
 
-async def test_events_record_the_lifecycle(app: embedq.App) -> None:
-    [t] = await app.enqueue([JobSpec("embedq.echo", {"a": 1})])
+async def test_events_record_the_lifecycle(db_url: str) -> None:
+    async with embedq.App(database_url=db_url, job_events="all") as app:
+        [t] = await app.enqueue([JobSpec("embedq.echo", {"a": 1})])
+        await drain(app)
+        events = [e["event"] for e in await app.store.fetch("job_events", {"id": t.id})]
+        assert events == ["enqueued", "started", "succeeded"]
+        job = await app.store.get(t.id)
+        assert job["state"] == "succeeded" and job["result"] == {"a": 1}
+
+
+async def test_default_event_log_keeps_failures_and_shows_a_full_timeline(app: embedq.App) -> None:
+    assert app.settings.job_events == "failures"
+    [ok] = await app.enqueue([JobSpec("embedq.echo", {"a": 1})])
+    [bad] = await app.enqueue([JobSpec("embedq.fail", {"permanent": True})])
     await drain(app)
-    events = [e["event"] for e in await app.store.fetch("job_events", {"id": t.id})]
-    assert events == ["enqueued", "started", "succeeded"]
-    job = await app.store.get(t.id)
-    assert job["state"] == "succeeded" and job["result"] == {"a": 1}
+    assert await app.store.fetch("job_events", {"id": ok.id}) == []
+    stored = [e["event"] for e in await app.store.fetch("job_events", {"id": bad.id})]
+    assert stored == ["failed", "dead"]
+    # the happy path is read off the job's own timestamps
+    timeline = [e["event"] for e in (await app.store.get(ok.id))["events"]]
+    assert timeline == ["enqueued", "started", "succeeded"]
+    timeline = [e["event"] for e in (await app.store.get(bad.id))["events"]]
+    assert timeline == ["enqueued", "started", "failed", "dead"]
 
 
 async def test_failures_only_event_mode_and_delete_mode(db_url: str) -> None:
@@ -411,20 +427,23 @@ async def test_failures_only_event_mode_and_delete_mode(db_url: str) -> None:
         assert await count(app, "job_events", "event = 'dead'") == 1
 
 
-async def test_cleanup_removes_old_history_only(app: embedq.App) -> None:
-    await app.enqueue([JobSpec("embedq.noop")] * 4)
-    await drain(app)
-    await sql(
-        app,
-        "UPDATE embedq.jobs_archive SET finished_at = now() - interval '10 days' "
-        "WHERE id IN (SELECT id FROM embedq.jobs_archive LIMIT 3)",
-    )
-    await sql(
-        app, "UPDATE embedq.job_events SET at = now() - interval '40 days' WHERE event = 'enqueued'"
-    )
-    removed = await app.store.cleanup()
-    assert removed["jobs"] == 3 and removed["events"] == 4
-    assert await count(app, "jobs_archive") == 1
+async def test_cleanup_removes_old_history_only(db_url: str) -> None:
+    async with embedq.App(database_url=db_url, job_events="all") as app:
+        await app.enqueue([JobSpec("embedq.noop")] * 4)
+        await drain(app)
+        await sql(
+            app,
+            "UPDATE embedq.jobs_archive SET finished_at = now() - interval '10 days' "
+            "WHERE id IN (SELECT id FROM embedq.jobs_archive LIMIT 3)",
+        )
+        await sql(
+            app,
+            "UPDATE embedq.job_events SET at = now() - interval '40 days' WHERE event = 'enqueued'",
+        )
+        removed = await app.store.cleanup()
+        assert removed["jobs"] == 3 and removed["events"] == 4
+        assert await count(app, "jobs_archive") == 1
+        assert await count(app, "job_events") == 8
 
 
 async def test_unknown_task_is_dead_lettered_with_the_fix(app: embedq.App) -> None:
@@ -467,3 +486,48 @@ async def test_run_at_in_the_past_runs_now(app: embedq.App) -> None:
     wid = await register_worker(app)
     assert len(await app.store.claim(wid, 1)) == 1
     assert past < in_seconds(0) - timedelta(minutes=59)
+
+
+@pytest.mark.parametrize("events", ["failures", "all"])
+async def test_bulk_copy_path_returns_ids_registers_queues_and_logs(
+    db_url: str, events: str
+) -> None:
+    from embedq.jobs import COPY_THRESHOLD
+
+    async with embedq.App(database_url=db_url, job_events=events) as app:
+        specs = [
+            JobSpec(
+                "embedq.echo",
+                {"i": i},
+                queue="bulk",
+                priority=i % 3,
+                lock_key=f"k{i % 7}" if i % 2 else None,
+            )
+            for i in range(COPY_THRESHOLD + 10)
+        ]
+        tickets = await app.enqueue(specs)
+        rows = await sql(app, "SELECT id, args, priority, lock_key FROM embedq.jobs ORDER BY id")
+        assert [t.id for t in tickets] == [r["id"] for r in rows]
+        assert [r["args"]["i"] for r in rows] == list(range(len(specs)))
+        assert (
+            rows[5]["priority"] == 2 and rows[5]["lock_key"] == "k5" and rows[4]["lock_key"] is None
+        )
+        assert "bulk" in {q["name"] for q in await app.store.queues()}  # the trigger ran
+        assert await count(app, "job_events", "event = 'enqueued'") == (
+            len(specs) if events == "all" else 0
+        )
+        w = await drain(app, concurrency=50)
+        assert w.processed == len(specs)
+
+
+async def test_bulk_copy_path_joins_the_callers_transaction(app: embedq.App, db_url: str) -> None:
+    from embedq.jobs import COPY_THRESHOLD
+
+    specs = [JobSpec("embedq.noop", {"i": i}) for i in range(COPY_THRESHOLD)]
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        await app.enqueue(specs, connection=conn)
+        await conn.rollback()
+        assert await count(app, "jobs") == 0
+        await app.enqueue(specs, connection=conn)
+        await conn.commit()
+    assert await count(app, "jobs") == COPY_THRESHOLD

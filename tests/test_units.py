@@ -105,6 +105,7 @@ class TestJobSpec:
             ({"priority": True}, "priority"),
             ({"queue": ""}, "queue name"),
             ({"queue": "bad queue"}, "queue name"),
+            ({"queue": ["a"]}, "queue name"),
             ({"max_attempts": 0}, "max_attempts"),
             ({"timeout_s": -1}, "timeout_s"),
             ({"timeout_s": float("nan")}, "timeout_s"),

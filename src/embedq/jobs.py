@@ -8,6 +8,7 @@ queue's SQL (`JobStore`), the one place where the queue touches the database.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -18,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from embedq import queries
@@ -27,12 +28,23 @@ from embedq.errors import InvalidJob, JobNotFound, UnknownQueue
 from embedq.migrations import LOCK_NAMESPACE
 from embedq.settings import Settings
 
+COPY_THRESHOLD = 500  # below this, one INSERT round trip beats reserve + COPY
 LOCK_KEY_NAMESPACE = LOCK_NAMESPACE + 1  # apart from the duty locks
 MAX_PRIORITY = 1000
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 _TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
 
 AnyConn = psycopg.AsyncConnection[Any]
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
+def _valid_name(pattern: re.Pattern[str], name: object) -> bool:
+    return isinstance(name, str) and _matches(pattern, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches(pattern: re.Pattern[str], name: str) -> bool:
+    return pattern.match(name) is not None
 
 
 class JobState(StrEnum):
@@ -48,7 +60,7 @@ def dumps_args(task: str, args: Any) -> str:
     if not isinstance(args, dict):
         raise InvalidJob(f"arguments of task {task!r} must be a dict of keyword arguments")
     try:
-        return json.dumps(args, allow_nan=False, separators=(",", ":"))
+        return _ENCODER.encode(args)
     except (TypeError, ValueError) as exc:
         raise InvalidJob(
             f"arguments of task {task!r} cannot be stored as JSON ({exc}). Pass strings, "
@@ -72,11 +84,11 @@ class JobSpec:
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.task, str) or not _TASK_NAME.match(self.task):
+        if not _valid_name(_TASK_NAME, self.task):
             raise InvalidJob(
                 f"task name {self.task!r} is invalid: use letters, digits, '_', '.', ':', '-'"
             )
-        if not isinstance(self.queue, str) or not _QUEUE_NAME.match(self.queue):
+        if not _valid_name(_QUEUE_NAME, self.queue):
             raise InvalidJob(
                 f"queue name {self.queue!r} is invalid: 1-100 letters, digits, '_', '.', ':', '-'"
             )
@@ -234,12 +246,42 @@ class JobStore:
     async def enqueue(
         self, specs: Sequence[JobSpec], conn: AnyConn | None = None
     ) -> list[Enqueued]:
-        """Insert jobs in one round trip (in `conn`'s transaction when given)."""
+        """Insert jobs (in `conn`'s transaction when given). Large batches without dedup keys
+        take the COPY path, about twice as fast as an INSERT per job; others one INSERT."""
         if not specs:
             return []
+        if len(specs) >= COPY_THRESHOLD and all(s.dedup_key is None for s in specs):
+            with translated():
+                if conn is not None:
+                    return await self._copy(specs, conn)
+                async with self.pool.connection() as c, c.transaction():
+                    return await self._copy(specs, c)
         unique, _ = coalesce_batch(specs)
         rows = await self.fetch("enqueue", enqueue_params(unique, self.log_all), conn)
         return _results(specs, rows)
+
+    async def _copy(self, specs: Sequence[JobSpec], conn: AnyConn) -> list[Enqueued]:
+        cur = conn.cursor(row_factory=tuple_row)
+        await cur.execute(self.q["reserve_ids"], {"n": len(specs)})
+        ids = [int(r[0]) for r in await cur.fetchall()]
+        async with cur.copy(self.q["copy_jobs"]) as copy:
+            for job_id, s in zip(ids, specs, strict=True):
+                await copy.write_row(
+                    (
+                        job_id,
+                        s.task,
+                        s.args_json,
+                        s.queue,
+                        s.priority,
+                        s.run_at or "now",
+                        s.max_attempts,
+                        s.lock_key,
+                        s.timeout_s,
+                    )
+                )
+        if self.log_all:
+            await cur.execute(self.q["log_enqueued"], {"ids": ids})
+        return [Enqueued(i) for i in ids]
 
     # --- consuming ---------------------------------------------------------------------
 
@@ -264,7 +306,9 @@ class JobStore:
                 if isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
                     continue
                 raise
-            return [Job.from_row(r) for r in rows]
+            jobs = [Job.from_row(r) for r in rows]
+            jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))  # start the most urgent first
+            return jobs
         return []
 
     async def complete(
@@ -385,7 +429,7 @@ class JobStore:
         if not rows:
             raise JobNotFound(f"no job with id {job_id}")
         job = rows[0]
-        job["events"] = await self.fetch("job_events", {"id": job_id})
+        job["events"] = _timeline(job, await self.fetch("job_events", {"id": job_id}))
         return job
 
     async def cleanup(self, archive_days: float | None = None) -> dict[str, int]:
@@ -400,6 +444,31 @@ class JobStore:
             },
         )
         return {k: int(v) for k, v in row.items()}
+
+
+def _timeline(job: dict[str, Any], stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's events: the stored ones, plus the happy-path transitions read off its own
+    timestamps where the event log (job_events=failures) did not store them."""
+    kinds = {e["event"] for e in stored}
+    derived = []
+    if "enqueued" not in kinds:
+        derived.append(("enqueued", job["enqueued_at"], 0))
+    if "started" not in kinds and job.get("started_at"):
+        derived.append(("started", job["started_at"], job["attempts"]))
+    if "succeeded" not in kinds and job["state"] == "succeeded":
+        derived.append(("succeeded", job["finished_at"], job["attempts"]))
+    events = stored + [
+        {
+            "job_id": job["id"],
+            "at": at,
+            "event": kind,
+            "attempt": attempt,
+            "worker_id": None,
+            "detail": "from the job's timestamps",
+        }
+        for kind, at, attempt in derived
+    ]
+    return sorted(events, key=lambda e: e["at"])
 
 
 def utcnow() -> datetime:

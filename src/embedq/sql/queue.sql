@@ -56,7 +56,8 @@ WITH candidates AS (
     UPDATE {schema}.jobs j
     SET state = 'running', attempts = j.attempts + 1, worker_id = %(worker)s,
         started_at = now(), lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-    FROM chosen WHERE j.id = chosen.id
+    -- an id array keeps the plan on the primary key (a join may scan the table)
+    WHERE j.id = ANY(ARRAY(SELECT id FROM chosen))
     RETURNING j.id, j.task, j.args, j.queue, j.priority, j.attempts, j.max_attempts,
               j.lock_key, j.dedup_key, j.timeout_s, j.enqueued_at, j.run_at
 ), events AS (
@@ -426,3 +427,16 @@ GROUP BY 1, 2 ORDER BY 1 DESC, 2;
 SELECT count(*) AS n FROM {schema}.jobs j
 WHERE (%(queues)s::text[] IS NULL OR j.queue = ANY(%(queues)s::text[]))
   AND j.queue NOT IN (SELECT name FROM {schema}.queues WHERE paused);
+
+-- name: reserve_ids
+-- Ids for a bulk COPY, taken from the jobs table's own sequence.
+SELECT nextval(pg_get_serial_sequence('{schema}.jobs', 'id')) AS id
+FROM generate_series(1, %(n)s);
+
+-- name: copy_jobs
+COPY {schema}.jobs (id, task, args, queue, priority, run_at, max_attempts, lock_key,
+                    timeout_s) FROM STDIN;
+
+-- name: log_enqueued
+INSERT INTO {schema}.job_events (job_id, event, attempt)
+SELECT unnest(%(ids)s::bigint[]), 'enqueued', 0;
