@@ -676,3 +676,52 @@ def test_unknown_task_is_dead_lettered_and_nothing_else_is_lost(
         j for (j,) in rows(db_url, "SELECT job_id FROM chaos_runs WHERE finished_at IS NOT NULL")
     ) == sorted(good)
     assert events(db_url, bad) == {"enqueued": 1, "started": 1, "failed": 1, "dead": 1}
+
+
+@pytest.mark.slow
+def test_soak_random_sigkills_lose_nothing_and_complete_each_job_once(
+    db_url: str, workers: Workers
+) -> None:
+    """Invariant 1 under fire: 20,000 jobs, three workers, one SIGKILLed and replaced every
+    two seconds until the queue drains. Every job ends succeeded (or, if it was unlucky on every
+    attempt, visibly dead with its reason); none is lost, none completes twice."""
+    import random
+
+    side_table(db_url)
+    n = 20_000
+    for lo in range(0, n, 5_000):
+        enqueue(
+            db_url,
+            [JobSpec("chaos.record", {"hold_s": 0.01, "n": i}) for i in range(lo, lo + 5_000)],
+        )
+    env = {"EMBEDQ_LEASE_S": "3", "EMBEDQ_HEARTBEAT_S": "0.5"}
+    live = [workers.start(db_url, "--concurrency", "20", env=env) for _ in range(3)]
+    kills = 0
+    rng = random.Random(1)
+    deadline = time.monotonic() + 900
+    while scalar(db_url, "SELECT count(*) FROM embedq.jobs") > 0:
+        assert time.monotonic() < deadline, workers.logs()
+        time.sleep(2)
+        victim = rng.choice(live)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.popen.wait(30)
+        kills += 1
+        live.remove(victim)
+        live.append(workers.start(db_url, "--concurrency", "20", env=env))
+    for w in live:
+        worker_id(db_url, w)  # registered: past start-up, its signal handlers are in place
+        w.popen.send_signal(signal.SIGTERM)
+        assert w.wait(60) == 0
+    states = dict(rows(db_url, "SELECT state::text, count(*) FROM embedq.jobs_archive GROUP BY 1"))
+    assert states.get("succeeded", 0) + states.get("dead", 0) == n, states
+    assert scalar(db_url, "SELECT count(DISTINCT id) FROM embedq.jobs_archive") == n
+    assert rows(
+        db_url, "SELECT DISTINCT error_kind FROM embedq.jobs_archive WHERE state = 'dead'"
+    ) in ([], [("lease_expired",)])
+    # each job succeeded at most once: one 'succeeded' event per succeeded job
+    assert scalar(
+        db_url, "SELECT count(*) FROM embedq.job_events WHERE event = 'succeeded'"
+    ) == states.get("succeeded", 0)
+    reclaimed = scalar(db_url, "SELECT count(*) FROM embedq.job_events WHERE event = 'reclaimed'")
+    assert kills >= 3 and reclaimed > 0
+    print(f"soak: {n} jobs, {kills} SIGKILLs, {reclaimed} reclaims, final states {states}")

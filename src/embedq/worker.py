@@ -156,6 +156,11 @@ class Worker:
 
     async def run(self) -> None:
         """Run until stopped; returns after a clean shutdown."""
+        loop = asyncio.get_running_loop()
+        if self.install_signals:
+            # Before connecting: a SIGTERM during start-up stops the worker cleanly too.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
         self._owns_app = self.app.pool is None
         await self.app.open(migrate=self.migrate, pool_size=4)
         s = self.app.settings
@@ -183,10 +188,6 @@ class Worker:
             self.concurrency,
             self.batch_size,
         )
-        loop = asyncio.get_running_loop()
-        if self.install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
         self._helpers = helpers = [
             asyncio.create_task(self._listen(), name="listen"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
