@@ -263,7 +263,8 @@ class JobStore:
     async def _copy(self, specs: Sequence[JobSpec], conn: AnyConn) -> list[Enqueued]:
         cur = conn.cursor(row_factory=tuple_row)
         await cur.execute(self.q["reserve_ids"], {"n": len(specs)})
-        ids = [int(r[0]) for r in await cur.fetchall()]
+        row = await cur.fetchone()
+        ids: list[int] = row[0] if row else []
         async with cur.copy(self.q["copy_jobs"]) as copy:
             for job_id, s in zip(ids, specs, strict=True):
                 await copy.write_row(

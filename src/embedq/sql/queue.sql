@@ -429,8 +429,10 @@ WHERE (%(queues)s::text[] IS NULL OR j.queue = ANY(%(queues)s::text[]))
   AND j.queue NOT IN (SELECT name FROM {schema}.queues WHERE paused);
 
 -- name: reserve_ids
--- Ids for a bulk COPY, taken from the jobs table's own sequence.
-SELECT nextval(pg_get_serial_sequence('{schema}.jobs', 'id')) AS id
+-- Ids for a bulk COPY, taken from the jobs table's own sequence (looked up once: the scalar
+-- subquery runs one time, where a bare pg_get_serial_sequence() would run for every row).
+SELECT array_agg(nextval((SELECT pg_get_serial_sequence('{schema}.jobs', 'id'))::regclass))
+       AS ids
 FROM generate_series(1, %(n)s);
 
 -- name: copy_jobs
