@@ -328,11 +328,9 @@ class Worker:
         self, job: Job, error: str, kind: str, *, permanent: bool, exc: BaseException | None = None
     ) -> None:
         task = self.app.tasks.get(job.task)
-        delay = None
+        delay = None  # dead-letter, unless a registered task's policy allows another attempt
         if not permanent and task is not None:
             delay = task.retry.next_delay(job.attempts, exc or RuntimeError(error))
-        elif not permanent:
-            delay = None
         self.failed += 1
         backoff = _Backoff()
         while True:

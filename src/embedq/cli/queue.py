@@ -43,29 +43,14 @@ def _dead_after(app: App) -> float:
 async def _status(app: App) -> dict[str, Any]:
     [overview] = await app.store.fetch("queue_overview", {"dead_after_s": _dead_after(app)})
     counts = await app.store.fetch("counts", {"window_s": 3600})
-    queues = {
-        q["name"]: {
-            "paused": q["paused"],
-            "pending": 0,
-            "running": 0,
-            "succeeded_1h": 0,
-            "dead_1h": 0,
-            "cancelled_1h": 0,
-        }
-        for q in await app.store.queues()
-    }
+
+    def empty(paused: bool) -> dict[str, Any]:
+        return {"paused": paused, "pending": 0, "running": 0, "succeeded_1h": 0,
+                "dead_1h": 0, "cancelled_1h": 0}  # fmt: skip
+
+    queues = {q["name"]: empty(q["paused"]) for q in await app.store.queues()}
     for row in counts:
-        q = queues.setdefault(
-            row["queue"],
-            {
-                "paused": False,
-                "pending": 0,
-                "running": 0,
-                "succeeded_1h": 0,
-                "dead_1h": 0,
-                "cancelled_1h": 0,
-            },
-        )
+        q = queues.setdefault(row["queue"], empty(False))
         key = row["state"] if row["state"] in ("pending", "running") else f"{row['state']}_1h"
         q[key] = int(row["n"])
     return {"overview": overview, "queues": queues}
