@@ -531,3 +531,36 @@ async def test_bulk_copy_path_joins_the_callers_transaction(app: embedq.App, db_
         await app.enqueue(specs, connection=conn)
         await conn.commit()
     assert await count(app, "jobs") == COPY_THRESHOLD
+
+
+async def test_notify_wakes_an_idle_worker_without_polling(db_url: str) -> None:
+    """With a 10-minute poll interval, only LISTEN/NOTIFY can start a job enqueued later."""
+    async with embedq.App(database_url=db_url, poll_interval_s=600) as app:
+        w = embedq.Worker(app, install_signals=False)
+        run = asyncio.create_task(w.run())
+        for _ in range(200):  # until it has registered and gone idle
+            if w.id and await count(app, "workers", "id = %s", w.id):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        [t] = await app.enqueue([JobSpec("embedq.echo", {"n": 1})])
+        for _ in range(300):
+            if await count(app, "jobs_archive", "id = %s AND state = 'succeeded'", t.id):
+                break
+            await asyncio.sleep(0.05)
+        w.stop()
+        await asyncio.wait_for(run, 30)
+        assert await count(app, "jobs_archive", "id = %s AND state = 'succeeded'", t.id) == 1
+
+
+async def test_worker_whose_heartbeat_stops_is_shown_dead(app: embedq.App) -> None:
+    alive, silent = await register_worker(app, "alive"), await register_worker(app, "silent")
+    await sql(
+        app,
+        "UPDATE embedq.workers SET heartbeat_at = now() - interval '1 hour' WHERE id = %s",
+        silent,
+    )
+    rows = {r["id"]: r["state"] for r in await app.store.fetch("workers", {"dead_after_s": 15})}
+    assert rows == {alive: "running", silent: "dead"}
+    [overview] = await app.store.fetch("queue_overview", {"dead_after_s": 15})
+    assert overview["workers_alive"] == 1

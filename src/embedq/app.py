@@ -209,7 +209,7 @@ class App:
             )
         if self._store is None and connection is None:
             await self.open()
-        store = self._store or JobStore(None, self.settings)  # type: ignore[arg-type]
+        store = self._store or JobStore(None, self.settings)
         return await store.enqueue(specs, conn=connection)
 
     def enqueue_sync(self, specs: Sequence[JobSpec], *, connection: Any = None) -> list[Enqueued]:

@@ -214,7 +214,8 @@ def _results(specs: Sequence[JobSpec], rows: list[dict[str, Any]]) -> list[Enque
 class JobStore:
     """The queue's operations, each one SQL round trip, over a pool (or one connection)."""
 
-    def __init__(self, pool: AsyncConnectionPool, settings: Settings) -> None:
+    def __init__(self, pool: AsyncConnectionPool | None, settings: Settings) -> None:
+        """`pool` may be None for a store used only with callers' own connections."""
         self.pool = pool
         self.settings = settings
         self.schema = settings.db_schema
@@ -231,8 +232,13 @@ class JobStore:
         with translated():
             if conn is not None:
                 return await self._fetch_on(conn, name, params)
-            async with self.pool.connection() as c:
+            async with self._pool().connection() as c:
                 return await self._fetch_on(c, name, params)
+
+    def _pool(self) -> AsyncConnectionPool:
+        if self.pool is None:
+            raise RuntimeError("this JobStore has no pool: pass a connection, or open the App")
+        return self.pool
 
     async def _fetch_on(
         self, conn: AnyConn, name: str, params: dict[str, Any] | None
@@ -254,7 +260,7 @@ class JobStore:
             with translated():
                 if conn is not None:
                     return await self._copy(specs, conn)
-                async with self.pool.connection() as c, c.transaction():
+                async with self._pool().connection() as c, c.transaction():
                     return await self._copy(specs, c)
         unique, _ = coalesce_batch(specs)
         rows = await self.fetch("enqueue", enqueue_params(unique, self.log_all), conn)

@@ -12,6 +12,7 @@ from typing import Any
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import TypeAdapter
 
+from embedq.db import describe_target
 from embedq.errors import ConfigurationError
 from embedq.jobs import JobStore
 from embedq.settings import Settings, is_bootstrap, is_secret
@@ -107,8 +108,6 @@ def shown(settings: Settings, name: str) -> Any:
         if value is None:
             return None
         if name == "database_url":
-            from embedq.db import describe_target
-
             return describe_target(value.get_secret_value())
         return MASK
     return TypeAdapter(Any).dump_python(value, mode="json")

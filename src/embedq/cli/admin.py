@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import typer
@@ -108,7 +109,7 @@ def db_verify(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
         raise typer.Exit(1)
 
 
-def _settings_rows(app: App) -> list[dict[str, Any]]:
+async def _settings_rows(app: App) -> list[dict[str, Any]]:
     s = app.settings
     return [
         {
@@ -127,7 +128,7 @@ def _settings_rows(app: App) -> list[dict[str, Any]]:
 @settings_app.command("list")
 def settings_list(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     """Every setting with its value (secrets masked) and its source."""
-    rows = run(with_app(state(ctx), lambda a: _async(_settings_rows(a))))
+    rows = run(with_app(state(ctx), _settings_rows))
     if json_out:
         print_json(rows)
     else:
@@ -143,7 +144,7 @@ def settings_get(ctx: typer.Context, name: str, json_out: bool = JSON_OPTION) ->
     """One setting's value and source."""
     if name not in Settings.model_fields:
         raise ConfigurationError(f"unknown setting {name!r}; `embedq settings list` shows all")
-    rows = run(with_app(state(ctx), lambda a: _async(_settings_rows(a))))
+    rows = run(with_app(state(ctx), _settings_rows))
     [row] = [r for r in rows if r["name"] == name]
     if json_out:
         print_json(row)
@@ -161,7 +162,7 @@ def settings_set(ctx: typer.Context, name: str, value: str) -> None:
     run(with_app(state(ctx), go))
     shown = stored_settings.MASK if is_secret(name) else value
     console.print(f"stored {name} = {shown}")
-    overriding = [e for e in env_names(name) if e in __import__("os").environ]
+    overriding = [e for e in env_names(name) if e in os.environ]
     if overriding:
         console.print(f"[yellow]note:[/] {overriding[0]} is set and takes precedence")
 
@@ -181,7 +182,3 @@ def settings_unset(ctx: typer.Context, name: str) -> None:
 def settings_gen_key() -> None:
     """Print a new key for EMBEDQ_SECRET_KEY."""
     print(stored_settings.generate_key())
-
-
-async def _async(value: Any) -> Any:
-    return value
