@@ -19,18 +19,23 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from embedq import db, migrations, stored_settings
+from embedq import db, migrations, pipeline, stored_settings
 from embedq.errors import ConfigurationError, InvalidJob, PermanentError, UnknownTask
+from embedq.pipeline import PipelineStats
+from embedq.providers.guard import Endpoints
 from embedq.jobs import Enqueued, JobSpec, JobStore, _results, coalesce_batch, enqueue_params
 from embedq.retry import RetryPolicy
 from embedq.settings import Settings
 from embedq.tasks import KeyTemplate, Task
+
+if TYPE_CHECKING:
+    from embedq.documents import Collections
 
 log = logging.getLogger("embedq")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +57,10 @@ class App:
         self._store: JobStore | None = None
         self._sync_pool: ConnectionPool | None = None
         self._sync_lock = threading.Lock()
+        self._endpoints: Endpoints | None = None
+        self.pipeline_stats = PipelineStats()
         _register_builtins(self)
+        pipeline.register(self)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -74,6 +82,9 @@ class App:
         timeout: float | None = None,
         pass_context: bool = False,
         cron: str | None = None,
+        batch: bool = False,
+        batch_size: int | None = None,
+        batch_concurrency: int | None = None,
     ) -> Callable[[F], Task]: ...
 
     def task(
@@ -90,12 +101,16 @@ class App:
         timeout: float | None = None,
         pass_context: bool = False,
         cron: str | None = None,
+        batch: bool = False,
+        batch_size: int | None = None,
+        batch_concurrency: int | None = None,
     ) -> Task | Callable[[F], Task]:
         """Register a function as a task.
 
         `lock` and `dedup` are templates over the job's arguments ("business:{business_id}")
         or callables taking them; `retry` is a RetryPolicy or a number of attempts; `cron`
-        makes the task periodic (run once per tick across all workers).
+        makes the task periodic (run once per tick across all workers). A `batch` task takes
+        a list of JobContext and returns a BatchOutcome (see tasks.BatchOutcome).
         """
 
         def register(f: Callable[..., Any]) -> Task:
@@ -126,6 +141,9 @@ class App:
                 timeout_s=timeout,
                 pass_context=pass_context,
                 cron=cron,
+                batch=batch,
+                batch_size=batch_size,
+                batch_concurrency=batch_concurrency,
             )
             self.tasks[task_name] = t
             return t
@@ -144,6 +162,20 @@ class App:
                 f"no task named {name!r} is registered; known tasks: "
                 f"{', '.join(sorted(self.tasks))}"
             ) from None
+
+    @property
+    def collections(self) -> Collections:
+        """The app's collections of documents (create, get, list, drop)."""
+        from embedq.documents import Collections
+
+        return Collections(self)
+
+    @property
+    def endpoints(self) -> Endpoints:
+        """This process's guarded embedding providers (breakers, rate limits, fallbacks)."""
+        if self._endpoints is None:
+            self._endpoints = Endpoints(self.settings)
+        return self._endpoints
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -180,6 +212,9 @@ class App:
         self._store = JobStore(self.store.pool, self.settings)
 
     async def close(self) -> None:
+        if self._endpoints is not None:
+            await self._endpoints.close()
+            self._endpoints = None
         if self.pool is not None:
             await self.pool.close()
         self.pool = None

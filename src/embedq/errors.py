@@ -14,9 +14,17 @@
     │   └── JobNotFound
     ├── PermanentError              raised by a task: dead-letter at once, never retry
     ├── TaskTimeout                 a task ran past its timeout (transient)
+    ├── CollectionError             a collection or document cannot be used as asked
+    │   ├── CollectionNotFound
+    │   ├── CollectionExists
+    │   ├── DocumentNotFound
+    │   ├── InvalidDocument         bad key, text, metadata or filter
+    │   └── ModelMismatch           a model change that must be a model switch
     └── ProviderError               an embedding provider failed
-        ├── TransientProviderError  (RateLimited, ProviderTimeout, ProviderUnavailable)
-        └── PermanentProviderError  (ModelNotFound, AuthenticationFailed, BadInput)
+        ├── TransientProviderError  (RateLimited, ProviderTimeout, ProviderUnavailable,
+        │                            CircuitOpen)
+        └── PermanentProviderError  (ModelNotFound, AuthenticationFailed, BadInput,
+                                     ProviderMissing)
 
 A task signals "do not retry" by raising `PermanentError` (or a subclass such as
 `PermanentProviderError`); every other exception is transient and retried with backoff
@@ -82,6 +90,30 @@ class TaskTimeout(EmbedqError):
     """A task ran longer than its timeout; retried like any transient failure."""
 
 
+class CollectionError(EmbedqError):
+    """A collection or document cannot be used as asked."""
+
+
+class CollectionNotFound(CollectionError):
+    """No collection of that name exists."""
+
+
+class CollectionExists(CollectionError):
+    """A collection of that name already exists."""
+
+
+class DocumentNotFound(CollectionError):
+    """No document of that key exists in the collection."""
+
+
+class InvalidDocument(CollectionError):
+    """A document's key, text, title or metadata (or a search filter) is invalid."""
+
+
+class ModelMismatch(CollectionError):
+    """A different model was asked of a collection outside a model switch."""
+
+
 class ProviderError(EmbedqError):
     """An embedding provider failed."""
 
@@ -106,6 +138,14 @@ class ProviderUnavailable(TransientProviderError):
     """The provider is unreachable or answered 5xx."""
 
 
+class CircuitOpen(TransientProviderError):
+    """The endpoint's circuit breaker is open: no call is made until `retry_after` passes."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PermanentProviderError(ProviderError, PermanentError):
     """A provider failure that retrying cannot fix: dead-lettered at once."""
 
@@ -125,3 +165,7 @@ class BadInput(PermanentProviderError):
 def is_permanent(exc: BaseException) -> bool:
     """Whether a failure must dead-letter its job at once rather than be retried."""
     return isinstance(exc, PermanentError)
+
+
+class ProviderMissing(PermanentProviderError):
+    """The provider's optional dependencies are not installed; the message says which extra."""

@@ -235,6 +235,16 @@ class JobStore:
             async with self._pool().connection() as c:
                 return await self._fetch_on(c, name, params)
 
+    async def fetch_sql(
+        self, query: Any, params: dict[str, Any] | None = None, conn: AnyConn | None = None
+    ) -> list[dict[str, Any]]:
+        """Like `fetch`, for a query of another area's SQL file (documents, search)."""
+        with translated():
+            if conn is not None:
+                return await _run(conn, query, params)
+            async with self._pool().connection() as c:
+                return await _run(c, query, params)
+
     def _pool(self) -> AsyncConnectionPool:
         if self.pool is None:
             raise RuntimeError("this JobStore has no pool: pass a connection, or open the App")
@@ -293,8 +303,14 @@ class JobStore:
     # --- consuming ---------------------------------------------------------------------
 
     async def claim(
-        self, worker_id: int, limit: int, queues: Sequence[str] | None = None
+        self,
+        worker_id: int,
+        limit: int,
+        queues: Sequence[str] | None = None,
+        *,
+        skip: Sequence[str] = (),
     ) -> list[Job]:
+        """Claim up to `limit` due jobs from `queues` (all when None), none from `skip`."""
         params = {
             "worker": worker_id,
             "limit": limit,
@@ -302,8 +318,9 @@ class JobStore:
             "lock_ns": LOCK_KEY_NAMESPACE,
             "log_all": self.log_all,
             "queues": list(queues) if queues else None,
+            "skip": list(skip),
         }
-        name = "claim_in" if queues else "claim"
+        name = "claim_in" if queues else "claim_not_in" if skip else "claim"
         for _ in range(5):
             try:
                 rows = await self.fetch(name, params)
@@ -324,7 +341,10 @@ class JobStore:
         ids: Sequence[int],
         results: Sequence[str | None],
         outcomes: Sequence[str | None],
+        conn: AnyConn | None = None,
     ) -> list[int]:
+        """Finish jobs this worker holds (others are ignored); in `conn`'s transaction when
+        given, so a task can finish its job atomically with its own writes."""
         rows = await self.fetch(
             "complete",
             {
@@ -335,6 +355,7 @@ class JobStore:
                 "archive": self.settings.finished_jobs == "archive",
                 "log_all": self.log_all,
             },
+            conn,
         )
         return [int(r["id"]) for r in rows]
 
@@ -355,6 +376,12 @@ class JobStore:
 
     async def release(self, worker_id: int, ids: Sequence[int]) -> list[int]:
         rows = await self.fetch("release", {"worker": worker_id, "ids": list(ids)})
+        return [int(r["id"]) for r in rows]
+
+    async def release_later(self, worker_id: int, ids: Sequence[int], delay_s: float) -> list[int]:
+        rows = await self.fetch(
+            "release_later", {"worker": worker_id, "ids": list(ids), "delay_s": delay_s}
+        )
         return [int(r["id"]) for r in rows]
 
     async def heartbeat(self, worker_id: int, ids: Sequence[int], state: str) -> set[int]:
@@ -485,3 +512,9 @@ def utcnow() -> datetime:
 def in_seconds(seconds: float) -> datetime:
     """A run_at that many seconds from now."""
     return utcnow() + timedelta(seconds=seconds)
+
+
+async def _run(conn: AnyConn, query: Any, params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query, params or {})
+    return await cur.fetchall() if cur.description else []

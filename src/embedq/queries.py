@@ -46,6 +46,7 @@ def load(filename: str, schema: str) -> dict[str, str]:
             variants = {
                 name: sql.SQL(""),
                 f"{name}_in": sql.SQL("AND j.queue = ANY(%(queues)s::text[])"),
+                f"{name}_not_in": sql.SQL("AND j.queue <> ALL(%(skip)s::text[])"),
             }
             for variant, fragment in variants.items():
                 out[variant] = sql.SQL(text).format(queue_filter=fragment, **params).as_string()

@@ -173,8 +173,79 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
 
     # --- providers (used by the embedding pipeline) --------------------------------------
+    embedding_provider: Literal["local", "ollama", "openai", "fake"] = Field(
+        default="local",
+        description="Provider of new collections when `collection create` names none: "
+        "'local' (offline all-MiniLM-L6-v2), 'ollama', 'openai' (or any OpenAI-compatible "
+        "server), 'fake' (hashing, for tests).",
+    )
+    embedding_model: str | None = Field(
+        default=None,
+        description="Model of new collections when none is named; unset: the provider's "
+        "default (all-MiniLM-L6-v2, nomic-embed-text, text-embedding-3-small).",
+    )
+    ollama_url: str = Field(
+        default="http://localhost:11434", description="Base URL of the Ollama server."
+    )
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        description="Base URL of the OpenAI API, or of any OpenAI-compatible server "
+        "(vLLM, TEI, LM Studio, DeepSeek).",
+    )
     openai_api_key: SecretStr | None = _secret(
         default=None, description="API key for the OpenAI provider (stored encrypted)."
+    )
+    provider_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Time limit of one embedding request."
+    )
+    provider_concurrency: int = Field(
+        default=4, ge=1, le=256, description="Embedding requests in flight per worker process."
+    )
+    breaker_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Consecutive transient failures of one endpoint that open its circuit "
+        "breaker (workers stop sending it work until the cool-down ends).",
+    )
+    breaker_cooldown_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description="How long an open circuit stays open before one half-open probe.",
+    )
+    local_device: str = Field(
+        default="cpu", description="Torch device of the local model ('cpu', 'cuda', 'mps')."
+    )
+
+    # --- embedding pipeline --------------------------------------------------------------
+    embed_batch_size: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="Embed jobs (documents) a worker claims and embeds together.",
+    )
+    embed_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Embed batches one worker process works on at once.",
+    )
+    embed_max_attempts: int = Field(
+        default=8, ge=1, le=1000, description="Attempts of an embed job before it is dead."
+    )
+    max_document_chars: int = Field(
+        default=2_000_000,
+        ge=1,
+        le=100_000_000,
+        description="Longest document text accepted, in characters; longer writes are refused.",
+    )
+    search_ef: int = Field(
+        default=100,
+        ge=10,
+        le=1000,
+        description="HNSW candidate list size at query time (pgvector hnsw.ef_search): "
+        "higher finds more of the true nearest chunks, slower.",
     )
 
     @model_validator(mode="after")

@@ -52,6 +52,18 @@ def _render_key(template: KeyTemplate, task: str, what: str, args: Mapping[str, 
         ) from None
 
 
+@dataclass
+class BatchOutcome:
+    """What a batch task reports about its jobs. A job in none of the fields succeeded and is
+    recorded by the worker; `completed` jobs were finished by the task itself, inside its own
+    transaction; `failed` ones go through the retry policy; `released` ones go back to the
+    queue after the given delay without spending an attempt (a provider's circuit is open)."""
+
+    completed: set[int] = field(default_factory=set)
+    failed: dict[int, BaseException] = field(default_factory=dict)
+    released: dict[int, float] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Deferrer:
     """A task with per-call options (`Task.configure`), ready to `defer`."""
@@ -118,6 +130,12 @@ class Task:
     timeout_s: float | None = None
     pass_context: bool = False
     cron: str | None = None
+    # A batch task receives a list of JobContext at once (its jobs are claimed together from
+    # its queue, up to `batch_size` per call, `batch_concurrency` calls at a time per worker)
+    # and returns a BatchOutcome. None: the embed_batch_size / embed_concurrency settings.
+    batch: bool = False
+    batch_size: int | None = None
+    batch_concurrency: int | None = None
 
     def __post_init__(self) -> None:
         JobSpec(self.name, queue=self.queue, priority=self.priority, timeout_s=self.timeout_s)
@@ -155,6 +173,8 @@ class Task:
 
     def check_args(self, args: Mapping[str, Any]) -> str | None:
         """Why `args` cannot be passed to the function, or None when they can."""
+        if self.batch:
+            return None  # a batch task takes contexts, and checks each job's arguments itself
         if self._takes_any_kwargs and not self.pass_context:
             return None  # fast path: a `**kwargs` function accepts any arguments
         try:

@@ -39,7 +39,7 @@ from embedq.app import App
 from embedq.errors import DatabaseError, EmbedqError, TaskTimeout, is_permanent
 from embedq.jobs import Job, JobSpec, JobStore
 from embedq.migrations import LOCK_NAMESPACE
-from embedq.tasks import JobContext
+from embedq.tasks import BatchOutcome, JobContext, Task
 
 log = logging.getLogger("embedq.worker")
 CLEANUP_LOCK = 2
@@ -111,6 +111,8 @@ class Worker:
         self._owns_app = False
         self._closing = False
         self._jobs: dict[int, Job] = {}
+        self._batch_jobs: set[int] = set()  # held jobs that belong to a running batch
+        self._batches: dict[str, int] = {}  # batch executions in flight per queue
         # Plain-function tasks still running in threads after their jobs were released at
         # shutdown; Python cannot stop a thread, so the process must exit without waiting.
         self.abandoned_threads = 0
@@ -217,39 +219,83 @@ class Worker:
                 return
         log.warning("helper loops did not stop: %s", sorted(h.get_name() for h in pending))
 
+    def _batch_queues(self) -> dict[str, Task]:
+        """Queues of batch tasks this worker serves: claimed apart, many jobs per call."""
+        out: dict[str, Task] = {}
+        for t in self.app.tasks.values():
+            if t.batch and (not self.queues or t.queue in self.queues):
+                out.setdefault(t.queue, t)
+        return out
+
     async def _claim_loop(self) -> None:
         backoff = _Backoff()
+        s = self.app.settings
+        batch_queues = self._batch_queues()
+        regular = [q for q in self.queues or [] if q not in batch_queues] or None
+        if self.queues and regular is None:
+            regular = []  # this worker serves batch queues only
         while not self._stopping.is_set():
-            free = self.concurrency - self._held_count()
-            if free <= 0:
+            free = self.concurrency - self._held_count() + len(self._batch_jobs)
+            batch_free = {
+                q: t
+                for q, t in batch_queues.items()
+                if self._batches.get(q, 0) < (t.batch_concurrency or s.embed_concurrency)
+            }
+            if (free <= 0 or regular == []) and not batch_free:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            want = min(free, self.batch_size)
             self._wake.clear()
+            saturated = False
             try:
-                jobs = await self.store.claim(self.id, want, self.queues)
+                for queue, task in batch_free.items():
+                    size = task.batch_size or s.embed_batch_size
+                    jobs = await self.store.claim(self.id, size, [queue])
+                    self._start(jobs, batch_queue=queue)
+                    saturated = saturated or len(jobs) == size
+                if free > 0 and regular != []:
+                    want = min(free, self.batch_size)
+                    jobs = await self.store.claim(
+                        self.id, want, regular, skip=list(batch_queues)
+                    )
+                    self._start(jobs)
+                    saturated = saturated or len(jobs) == want
             except DatabaseError as exc:
                 self._db_lost(exc, "claiming jobs")
                 await self._sleep(backoff.next())
                 continue
             backoff.reset()
             self._db_back()
-            for job in jobs:
-                stale = self._running.get(job.id)
-                if stale is not None:
-                    # Our lease on it expired (a stall longer than the lease) and we claimed it
-                    # again: the old copy no longer owns the job, so it must stop.
-                    stale.cancel()
-                self._jobs[job.id] = job
-                self._running[job.id] = asyncio.create_task(self._execute(job))
-            if len(jobs) < want:
-                if self.exit_when_idle and not jobs and not self._held_count():
+            if not saturated:
+                if self.exit_when_idle and not self._held_count():
                     if await self._queue_empty():
                         log.info("queue drained; worker %s exits (--exit-when-idle)", self.id)
                         return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.app.settings.poll_interval_s)
+                    await asyncio.wait_for(self._wake.wait(), s.poll_interval_s)
+
+    def _start(self, jobs: list[Job], batch_queue: str | None = None) -> None:
+        """Start claimed jobs: one asyncio task per job, one per group of a batch task."""
+        groups: dict[str, list[Job]] = {}
+        for job in jobs:
+            stale = self._running.get(job.id)
+            if stale is not None:
+                # Our lease on it expired (a stall longer than the lease) and we claimed it
+                # again: the old copy no longer owns the job, so it must stop.
+                stale.cancel()
+            self._jobs[job.id] = job
+            task = self.app.tasks.get(job.task)
+            if task is not None and task.batch:
+                groups.setdefault(job.task, []).append(job)
+            else:
+                self._running[job.id] = asyncio.create_task(self._execute(job))
+        for name, group in groups.items():
+            queue = batch_queue or group[0].queue
+            self._batches[queue] = self._batches.get(queue, 0) + 1
+            runner = asyncio.create_task(self._execute_batch(self.app.tasks[name], group, queue))
+            for job in group:
+                self._running[job.id] = runner
+                self._batch_jobs.add(job.id)
 
     async def _queue_empty(self) -> bool:
         [row] = await self.store.fetch("work_left", {"queues": self.queues})
@@ -363,6 +409,83 @@ class Worker:
                 if self._force:
                     return  # the lease will expire and the job be reclaimed
                 await asyncio.sleep(backoff.next())
+
+    # --- a batch of jobs ------------------------------------------------------------------
+
+    async def _execute_batch(self, task: Task, jobs: list[Job], queue: str) -> None:
+        try:
+            await self._execute_batch_inner(task, jobs)
+        finally:
+            me = asyncio.current_task()
+            for job in jobs:
+                if self._running.get(job.id) is me:
+                    del self._running[job.id]
+                    del self._jobs[job.id]
+                    self._batch_jobs.discard(job.id)
+            self._batches[queue] -= 1
+            self._slot_free.set()
+            self._wake.set()  # a batch slot is free: claim the next batch now
+
+    async def _execute_batch_inner(self, task: Task, jobs: list[Job]) -> None:
+        runnable: list[Job] = []
+        for job in jobs:
+            bad = task.check_args(job.args)
+            if bad is None:
+                runnable.append(job)
+            else:
+                msg = f"arguments do not fit task {job.task!r}: {bad}"
+                await self._record_failure(job, msg, "bad_arguments", permanent=True)
+        if not runnable:
+            return
+        contexts = [JobContext(job=j, app=self.app, worker_id=self.id) for j in runnable]
+        timeout = max((j.timeout_s or 0.0) for j in runnable) or task.timeout_s
+        timeout = timeout or self.app.settings.job_timeout_s
+        try:
+            call = task.func(contexts)
+            outcome: BatchOutcome = await (asyncio.wait_for(call, timeout) if timeout else call)
+        except asyncio.CancelledError:
+            if self._stopping.is_set():
+                raise  # shutdown: released, not failed
+            # One of its jobs was cancelled or reclaimed elsewhere: give the others back at
+            # once (the worker-id guard leaves the lost ones alone).
+            with contextlib.suppress(DatabaseError):
+                await self.store.release(self.id, [j.id for j in runnable])
+            log.info("batch of %d %s jobs stopped: cancelled or reclaimed", len(runnable), task.name)
+            return
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TaskTimeout(f"batch task {task.name!r} ran past its timeout of {timeout:g} s")
+            message = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, EmbedqError):
+                message = "".join(traceback.format_exception(exc)[-6:])[-4000:].strip()
+            for job in runnable:
+                await self._record_failure(
+                    job, message, type(exc).__name__, permanent=is_permanent(exc), exc=exc
+                )
+            return
+        self.processed += len(outcome.completed)
+        by_id = {j.id: j for j in runnable}
+        for job_id, exc in outcome.failed.items():
+            await self._record_failure(
+                by_id[job_id],
+                f"{type(exc).__name__}: {exc}",
+                type(exc).__name__,
+                permanent=is_permanent(exc),
+                exc=exc,
+            )
+        delays: dict[float, list[int]] = {}
+        for job_id, delay in outcome.released.items():
+            delays.setdefault(delay, []).append(job_id)
+        for delay, ids in delays.items():
+            try:
+                await self.store.release_later(self.id, ids, delay)
+            except DatabaseError as exc_db:
+                self._db_lost(exc_db, "releasing jobs")  # their leases will expire
+        handled = outcome.completed | outcome.failed.keys() | outcome.released.keys()
+        rest = [j.id for j in runnable if j.id not in handled]
+        if rest:
+            self._done.extend(_Done(job_id, None, None) for job_id in rest)
+            self._done_added.set()
 
     # --- completions ---------------------------------------------------------------------
 

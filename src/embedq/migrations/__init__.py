@@ -245,9 +245,15 @@ async def snapshot(conn: Conn, schema: str) -> dict[str, list[str]]:
         cur = await conn.execute(query, {"s": schema})
         rows = [str(_first(r)) for r in await cur.fetchall()]
         out[kind] = sorted(
-            r.replace(f'"{schema}"', "{schema}").replace(schema, "{schema}") for r in rows
+            r.replace(f'"{schema}"', "{schema}").replace(schema, "{schema}")
+            for r in rows
+            if not _DATA_INDEX.search(r)
         )
     return out
+
+
+# Each vector space gets its own HNSW index when it is created: data, not schema.
+_DATA_INDEX = re.compile(r"chunks_space_\d+_hnsw")
 
 
 async def verify(conn: Conn, schema: str) -> list[str]:

@@ -140,6 +140,15 @@ WITH back AS (
 )
 SELECT id FROM back, (SELECT count(*) FROM notified) n;
 
+-- name: release_later
+-- A batch task gives back jobs it cannot run now (a provider's circuit is open): back to
+-- pending after a delay, the attempt not counted, no error recorded.
+UPDATE {schema}.jobs j
+SET state = 'pending', attempts = GREATEST(j.attempts - 1, 0), worker_id = NULL,
+    lease_expires_at = NULL, run_at = now() + make_interval(secs => %(delay_s)s)
+WHERE j.id = ANY(%(ids)s) AND j.state = 'running' AND j.worker_id = %(worker)s
+RETURNING j.id;
+
 -- name: heartbeat
 -- Renew this worker's leases and its own row; returns the jobs it still holds, so a job
 -- cancelled or reclaimed meanwhile can be stopped locally.
