@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from embedq import embedded
 from embedq.errors import (
     DatabaseAuthFailed,
+    DatabaseConflict,
     DatabaseError,
     DatabaseUnavailable,
     EmbedqError,
@@ -94,6 +95,11 @@ def map_error(exc: BaseException, url: str | None = None) -> EmbedqError:
         return DatabaseError(
             f"{text} at {where}. Create it (createdb) or fix the database name in "
             "EMBEDQ_DATABASE_URL."
+        )
+    if isinstance(exc, pgerrors.TransactionRollback):
+        return DatabaseConflict(
+            f"a concurrent transaction conflicted at {where} ({text}); nothing was written. "
+            "Retry the operation."
         )
     if isinstance(exc, psycopg.OperationalError | PoolTimeout | OSError | TimeoutError):
         return DatabaseUnavailable(

@@ -483,7 +483,7 @@ class Collection:
         async with self._transaction(connection) as conn:
             results: dict[str, WriteResult] = {}
             latest = {d.key: d for d in items}
-            unique = list(latest.values())
+            unique = sorted(latest.values(), key=lambda d: d.key.encode())  # lock order
             for i in range(0, len(unique), _WRITE_BATCH):
                 part = unique[i : i + _WRITE_BATCH]
                 for r in await self._write(conn, part, priority):
@@ -557,8 +557,11 @@ class Collection:
             if not isinstance(connection, psycopg.AsyncConnection):
                 raise InvalidDocument("connection= must be a psycopg.AsyncConnection")
             with db.translated():
-                async with connection.transaction():
-                    yield connection
+                if connection.autocommit:
+                    async with connection.transaction():
+                        yield connection
+                else:
+                    yield connection  # the caller's transaction: it commits or rolls back
             return
         pool = self.app.store.pool
         assert pool is not None

@@ -5,6 +5,7 @@
     ├── DatabaseError               the database cannot be used
     │   ├── DatabaseUnavailable     unreachable, refused, restarting (transient)
     │   ├── DatabaseAuthFailed      wrong user or password
+    │   ├── DatabaseConflict        deadlock or serialization failure: retry (transient)
     │   ├── ExtensionMissing        the server lacks pgvector
     │   └── SchemaError             schema too new for this code, or not migrated
     ├── JobError                    a job cannot be enqueued or changed as asked
@@ -52,6 +53,10 @@ class DatabaseUnavailable(DatabaseError):
 
 class DatabaseAuthFailed(DatabaseError):
     """The server rejected the user or password."""
+
+
+class DatabaseConflict(DatabaseError):
+    """A concurrent transaction conflicted (deadlock, serialization failure); retry."""
 
 
 class ExtensionMissing(DatabaseError):

@@ -338,7 +338,14 @@ async def _cache_lookup(app: App, space: Space, hashes: list[bytes]) -> dict[byt
     rows = await app.store.fetch_sql(
         q["cache_lookup"], {"model_key": space.model_key, "hashes": hashes}
     )
-    return {bytes(r["hash"]): np.asarray(r["embedding"], dtype=np.float32) for r in rows}
+    return {bytes(r["hash"]): _array(r["embedding"]) for r in rows}
+
+
+def _array(value: Any) -> np.ndarray:
+    """pgvector's loader gives a Vector (newer releases) or an ndarray (older ones)."""
+    if hasattr(value, "to_numpy"):
+        value = value.to_numpy()
+    return np.asarray(value, dtype=np.float32)
 
 
 async def _mark_failed(

@@ -68,6 +68,7 @@ class SearchHit:
     snippet: str | None = None
     semantic_rank: int | None = None
     keyword_rank: int | None = None
+    model: str | None = None  # the model whose vectors ranked it (None: keyword only)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ class SearchHit:
             "snippet": self.snippet,
             "semantic_rank": self.semantic_rank,
             "keyword_rank": self.keyword_rank,
+            "model": self.model,
         }
 
 
@@ -227,6 +229,7 @@ async def _run(
             snippet=docs[d]["snippet"],
             semantic_rank=sem_rank.get(d),
             keyword_rank=kw_rank.get(d),
+            model=f"{space.config.provider}/{space.config.model}" if d in sem_rank else None,
         )
         for d in top
         if d in docs

@@ -60,6 +60,7 @@ SELECT %(collection)s, t.key, t.title, t.body, t.metadata, t.content_hash,
        %(language)s::regconfig
 FROM unnest(%(keys)s::text[], %(titles)s::text[], %(bodies)s::text[], %(metadata)s::jsonb[],
             %(hashes)s::bytea[]) AS t(key, title, body, metadata, content_hash)
+ORDER BY t.key COLLATE "C"  -- rows are locked in key order: concurrent writers cannot deadlock
 ON CONFLICT (collection_id, key) DO UPDATE SET
     title = EXCLUDED.title,
     body = EXCLUDED.body,
@@ -130,10 +131,11 @@ ORDER BY id
 FOR UPDATE;
 
 -- name: lock_documents
--- Ordered, so two swaps over overlapping documents cannot deadlock.
+-- In (collection, key) order, the order writes lock them in (upsert_documents), so a swap
+-- and a write over overlapping documents cannot deadlock.
 SELECT id, version FROM {schema}.documents
 WHERE id = ANY(%(ids)s::bigint[])
-ORDER BY id
+ORDER BY collection_id, key COLLATE "C"
 FOR UPDATE;
 
 -- name: delete_chunks
