@@ -10,8 +10,8 @@ import random
 from typing import Any
 
 import psycopg
-from psycopg.rows import tuple_row
 import pytest
+from psycopg.rows import tuple_row
 from tests.conftest import drain
 
 import embedq
@@ -104,9 +104,7 @@ async def test_bad_documents_are_refused_before_anything_is_written(app: embedq.
 async def test_a_stale_job_ends_superseded_never_an_error(app: embedq.App) -> None:
     """The seed system's re-upload race: a new version lands while the old one is being
     embedded. The old job must end `superseded`, and only the new chunks remain."""
-    col = await app.collections.create(
-        "race", provider="fake", options={"latency_ms": 400}
-    )
+    col = await app.collections.create("race", provider="fake", options={"latency_ms": 400})
     await col.upsert("file", "first upload of the file")
     worker = embedq.Worker(app, install_signals=False, exit_when_idle=True)
     run = asyncio.create_task(worker.run())
@@ -129,7 +127,9 @@ async def test_deleting_a_document_with_a_pending_job_is_not_an_error(app: embed
     await col.upsert_many([{"key": f"k{i}", "text": f"text {i}"} for i in range(5)])
     assert await col.delete("k1", "k3", "missing") == ["k1", "k3"]
     await drain(app)
-    archive = await rows(app, "SELECT outcome, count(*) FROM embedq.jobs_archive GROUP BY 1 ORDER BY 1")
+    archive = await rows(
+        app, "SELECT outcome, count(*) FROM embedq.jobs_archive GROUP BY 1 ORDER BY 1"
+    )
     assert archive == [("superseded", 2), (None, 3)]
     assert await rows(app, "SELECT count(*) FROM embedq.chunks") == [(3,)]
 
@@ -141,11 +141,15 @@ async def test_one_poison_document_is_dead_lettered_alone(app: embedq.App) -> No
     await col.upsert_many(docs)
     FakeProvider.reset_counts()
     await drain(app)
-    dead = await rows(app, "SELECT args->>'document', last_error FROM embedq.jobs_archive WHERE state = 'dead'")
+    dead = await rows(
+        app, "SELECT args->>'document', last_error FROM embedq.jobs_archive WHERE state = 'dead'"
+    )
     assert len(dead) == 1 and "BadInput" in dead[0][1] and "POISON" in dead[0][1]
     bad = await col.get("d17")
     assert bad.status == "failed" and bad.error and "POISON" in bad.error
-    assert {d.status for d in [await col.get(f"d{i}") for i in range(30) if i != 17]} == {"embedded"}
+    assert {d.status for d in [await col.get(f"d{i}") for i in range(30) if i != 17]} == {
+        "embedded"
+    }
     # one request for the batch, then halving: about 2*log2(30) more, never one per text
     assert 1 < FakeProvider.calls <= 12
 
@@ -186,7 +190,9 @@ async def test_invariant_2_under_fire_writers_and_four_workers(app: embedq.App) 
         while not stop.is_set():
             batch = rnd.sample(keys, 5)
             docs = [
-                DocumentInput(k, " ".join(f"w{rnd.randrange(500)}" for _ in range(rnd.randrange(5, 120))))
+                DocumentInput(
+                    k, " ".join(f"w{rnd.randrange(500)}" for _ in range(rnd.randrange(5, 120)))
+                )
                 for k in batch
             ]
             await col.upsert_many(docs)
@@ -210,7 +216,9 @@ async def test_invariant_2_under_fire_writers_and_four_workers(app: embedq.App) 
         w.stop()
     await asyncio.gather(*runs)
     assert await rows(app, "SELECT count(*) FROM embedq.jobs") == [(0,)]
-    assert await rows(app, "SELECT count(*) FROM embedq.jobs_archive WHERE state <> 'succeeded'") == [(0,)]
+    assert await rows(
+        app, "SELECT count(*) FROM embedq.jobs_archive WHERE state <> 'succeeded'"
+    ) == [(0,)]
     tokenizer = tokenizer_for(col.active.config)
     for doc_row in await rows(app, "SELECT key, body, version, status FROM embedq.documents"):
         key, body, version, status = doc_row
@@ -227,9 +235,21 @@ async def test_search_modes_filters_and_keyword_before_embedding(app: embedq.App
     col = await app.collections.create("s", provider="fake")
     await col.upsert_many(
         [
-            {"key": "pg", "text": "postgres stores rows in tables and pages", "metadata": {"year": 2020, "lang": "en"}},
-            {"key": "redis", "text": "redis keeps keys in memory", "metadata": {"year": 2022, "lang": "en"}},
-            {"key": "pg-de", "text": "postgres speichert tabellen", "metadata": {"year": 2024, "lang": "de"}},
+            {
+                "key": "pg",
+                "text": "postgres stores rows in tables and pages",
+                "metadata": {"year": 2020, "lang": "en"},
+            },
+            {
+                "key": "redis",
+                "text": "redis keeps keys in memory",
+                "metadata": {"year": 2022, "lang": "en"},
+            },
+            {
+                "key": "pg-de",
+                "text": "postgres speichert tabellen",
+                "metadata": {"year": 2024, "lang": "de"},
+            },
             {"key": "misc", "text": "gardening with tomatoes", "metadata": {"year": 2024}},
         ]
     )
@@ -241,14 +261,21 @@ async def test_search_modes_filters_and_keyword_before_embedding(app: embedq.App
     hybrid = await col.search("postgres tables", k=4)
     assert hybrid[0].key == "pg" and hybrid[0].chunks and hybrid[0].model == "fake/fake-384"
     assert {h.key for h in await col.search("postgres", filters={"lang": "de"})} == {"pg-de"}
-    assert {h.key for h in await col.search("postgres", filters={"year": {"$gte": 2022}}, k=10)} <= {
+    assert {
+        h.key for h in await col.search("postgres", filters={"year": {"$gte": 2022}}, k=10)
+    } <= {
         "redis",
         "pg-de",
         "misc",
     }
-    keys = {h.key for h in await col.search("keys memory postgres", filters={"lang": {"$in": ["en"]}}, k=10)}
+    keys = {
+        h.key
+        for h in await col.search("keys memory postgres", filters={"lang": {"$in": ["en"]}}, k=10)
+    }
     assert keys <= {"pg", "redis"} and "redis" in keys
-    assert "misc" not in {h.key for h in await col.search("gardening", filters={"lang": {"$exists": True}}, k=10)}
+    assert "misc" not in {
+        h.key for h in await col.search("gardening", filters={"lang": {"$exists": True}}, k=10)
+    }
     for bad, needle in [
         ({"year": {"$between": 1}}, "unknown filter operator"),
         ({"year": {"$gt": [1]}}, "number or a string"),
@@ -270,7 +297,10 @@ async def test_model_switch_with_searches_running(app: embedq.App) -> None:
     atomically: no search returns empty or mixed-model results, and the old chunks go."""
     col = await app.collections.create("switch", provider="fake", model="fake-384")
     await col.upsert_many(
-        [{"key": f"d{i}", "text": f"topic {i % 7} words shared by documents {i}"} for i in range(120)]
+        [
+            {"key": f"d{i}", "text": f"topic {i % 7} words shared by documents {i}"}
+            for i in range(120)
+        ]
     )
     await drain(app)
     with pytest.raises(ModelMismatch, match="set-model"):
@@ -316,5 +346,7 @@ async def test_dropping_a_collection_removes_everything(app: embedq.App) -> None
     assert not await app.collections.drop("gone")
     assert await rows(app, "SELECT count(*) FROM embedq.documents") == [(0,)]
     assert await rows(app, "SELECT count(*) FROM embedq.jobs") == [(0,)]
-    idx = await rows(app, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'chunks_space_%%_hnsw'")
+    idx = await rows(
+        app, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'chunks_space_%%_hnsw'"
+    )
     assert idx == [(0,)]

@@ -27,9 +27,9 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from embedq import db, migrations, pipeline, stored_settings
 from embedq.errors import ConfigurationError, InvalidJob, PermanentError, UnknownTask
+from embedq.jobs import Enqueued, JobSpec, JobStore, _results, coalesce_batch, enqueue_params
 from embedq.pipeline import PipelineStats
 from embedq.providers.guard import Endpoints
-from embedq.jobs import Enqueued, JobSpec, JobStore, _results, coalesce_batch, enqueue_params
 from embedq.retry import RetryPolicy
 from embedq.settings import Settings
 from embedq.tasks import KeyTemplate, Task

@@ -736,9 +736,7 @@ def provider_config(
         raise ConfigurationError(
             f"unknown provider {name!r}; choose one of {', '.join(DEFAULT_MODELS)}"
         )
-    chosen = model or (
-        settings.embedding_model if name == settings.embedding_provider else None
-    )
+    chosen = model or (settings.embedding_model if name == settings.embedding_provider else None)
     if dimensions is not None and (
         isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
     ):

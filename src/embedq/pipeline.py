@@ -276,9 +276,7 @@ def _requests(
     tokens = 0
     for h in hashes:
         n = texts[h][1]
-        if current and (
-            len(current) >= guarded.max_batch or tokens + n > guarded.max_batch_tokens
-        ):
+        if current and (len(current) >= guarded.max_batch or tokens + n > guarded.max_batch_tokens):
             out.append(current)
             current, tokens = [], 0
         current.append(h)
@@ -437,9 +435,7 @@ async def _swap(
             if done_docs:
                 await cur.execute(q["mark_embedded"], {"ids": done_docs})
             ids = sorted(owned)
-            outcomes = [
-                "superseded" if (j in superseded or j in late) else None for j in ids
-            ]
+            outcomes = ["superseded" if (j in superseded or j in late) else None for j in ids]
             completed = await app.store.complete(
                 worker_id, ids, [None] * len(ids), outcomes, conn=conn
             )

@@ -121,24 +121,32 @@ async def search(
     assert pool is not None
     for _ in range(3):
         with db.translated():
-            async with pool.connection() as conn, conn.transaction():
+            async with pool.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
-                await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                await cur.execute(
-                    sql.SQL(
-                        "SELECT * FROM {}.spaces WHERE collection_id = %s AND state = 'active'"
-                    ).format(sql.Identifier(app.settings.db_schema)),
-                    (collection.id,),
-                )
-                row = await cur.fetchone()
-                if row is None:
-                    return []  # dropped meanwhile
-                current = Space.from_row(row)
-                if vector is not None and current.id != space.id:
-                    space = current  # a model switch completed: embed with the new model
-                    vector = await _embed_query(collection, space, query)
-                    continue
-                hits = await _run(cur, collection, current, query, vector, mode, k, where, params)
+                # BEGIN by hand on the pool's autocommit connection: one round trip less.
+                await cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                try:
+                    await cur.execute(
+                        sql.SQL(
+                            "SELECT s.*, set_config('hnsw.ef_search', %s, true) AS ef, "
+                            "set_config('hnsw.iterative_scan', 'relaxed_order', true) AS scan "
+                            "FROM {}.spaces s WHERE collection_id = %s AND state = 'active'"
+                        ).format(sql.Identifier(app.settings.db_schema)),
+                        (str(max(app.settings.search_ef, k * 4)), collection.id),
+                    )
+                    row = await cur.fetchone()
+                    if row is None:
+                        return []  # dropped meanwhile
+                    current = Space.from_row(row)
+                    if vector is not None and current.id != space.id:
+                        space = current  # a model switch completed: embed with the new model
+                        vector = await _embed_query(collection, space, query)
+                        continue
+                    hits = await _run(
+                        cur, collection, current, query, vector, mode, k, where, params
+                    )
+                finally:
+                    await conn.execute("ROLLBACK")  # read only: nothing to commit
         stats.searches += 1
         stats.seconds.append(time.perf_counter() - started)
         del stats.seconds[:-1000]
@@ -247,11 +255,6 @@ async def _semantic(
 ) -> list[dict[str, Any]]:
     """The k documents nearest to `vector`, each with its best chunks (at most 3)."""
     s = collection.app.settings
-    await cur.execute(
-        "SELECT set_config('hnsw.ef_search', %s, true), "
-        "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
-        (str(max(s.search_ef, k * 4)),),
-    )
     op = sql.SQL(_OPERATORS[collection.distance])
     cast = vector_cast(space.dimensions) if space.dimensions <= 4000 else sql.SQL("vector")
     distance = sql.SQL("c.embedding::{cast} {op} %(v)s::{cast}").format(cast=cast, op=op)
@@ -321,7 +324,9 @@ def compile_filters(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[st
                     _check_scalar(name, op, v)
                 params[p] = [json.dumps(v) for v in value]
                 test = sql.SQL("{} = ANY({}::jsonb[])").format(field_, ph)
-                parts.append(test if op == "$in" else sql.SQL("NOT coalesce({}, false)").format(test))
+                parts.append(
+                    test if op == "$in" else sql.SQL("NOT coalesce({}, false)").format(test)
+                )
             elif op in _COMPARE:
                 cmp = sql.SQL(_COMPARE[op])
                 if isinstance(value, bool) or not isinstance(value, int | float | str):

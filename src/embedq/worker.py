@@ -255,9 +255,7 @@ class Worker:
                     saturated = saturated or len(jobs) == size
                 if free > 0 and regular != []:
                     want = min(free, self.batch_size)
-                    jobs = await self.store.claim(
-                        self.id, want, regular, skip=list(batch_queues)
-                    )
+                    jobs = await self.store.claim(self.id, want, regular, skip=list(batch_queues))
                     self._start(jobs)
                     saturated = saturated or len(jobs) == want
             except DatabaseError as exc:
@@ -450,10 +448,13 @@ class Worker:
             # once (the worker-id guard leaves the lost ones alone).
             with contextlib.suppress(DatabaseError):
                 await self.store.release(self.id, [j.id for j in runnable])
-            log.info("batch of %d %s jobs stopped: cancelled or reclaimed", len(runnable), task.name)
+            log.info(
+                "batch of %d %s jobs stopped: cancelled or reclaimed", len(runnable), task.name
+            )
             return
-        except Exception as exc:
-            if isinstance(exc, TimeoutError):
+        except Exception as raised:
+            exc: Exception = raised
+            if isinstance(raised, TimeoutError):
                 exc = TaskTimeout(f"batch task {task.name!r} ran past its timeout of {timeout:g} s")
             message = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, EmbedqError):
@@ -465,13 +466,13 @@ class Worker:
             return
         self.processed += len(outcome.completed)
         by_id = {j.id: j for j in runnable}
-        for job_id, exc in outcome.failed.items():
+        for job_id, failure in outcome.failed.items():
             await self._record_failure(
                 by_id[job_id],
-                f"{type(exc).__name__}: {exc}",
-                type(exc).__name__,
-                permanent=is_permanent(exc),
-                exc=exc,
+                f"{type(failure).__name__}: {failure}",
+                type(failure).__name__,
+                permanent=is_permanent(failure),
+                exc=failure,
             )
         delays: dict[float, list[int]] = {}
         for job_id, delay in outcome.released.items():

@@ -1,8 +1,9 @@
 """A deterministic in-process provider for tests, demos and benchmarks.
 
-Vectors come from hashing the words of a text into `dimensions` buckets (the "hashing
-trick"), normalised: texts sharing words are close, identical texts are identical, and no
-model or network is involved. Options (collection `provider_options`):
+Each word gets a fixed pseudo-random dense unit vector (seeded by a hash of the word); a
+text's vector is the normalised sum of its words' vectors (a random-projection bag of
+words). Texts sharing words are close, identical texts are identical, vectors are dense
+like real embeddings, and no model or network is involved. Options (collection `provider_options`):
 
 - `fail_on`: a substring; a batch containing a text with it is refused with BadInput (400),
   the way a real provider refuses a whole request for one bad input;
@@ -14,6 +15,7 @@ model or network is involved. Options (collection `provider_options`):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 from typing import TYPE_CHECKING, ClassVar
@@ -60,9 +62,7 @@ class FakeProvider:
     def vector(self, text: str) -> np.ndarray:
         v = np.zeros(self.dims, dtype=np.float32)
         for word in _WORD.findall(text.lower()) or [""]:
-            h = hashlib.blake2b(word.encode(), digest_size=8).digest()
-            n = int.from_bytes(h, "little")
-            v[n % self.dims] += 1.0 if (n >> 32) & 1 else -1.0
+            v += _word_vector(word, self.dims)
         norm = float(np.linalg.norm(v))
         return v / norm if norm else v
 
@@ -76,3 +76,10 @@ class FakeProvider:
     def reset_counts(cls) -> None:
         cls.calls = 0
         cls.texts = 0
+
+
+@functools.lru_cache(maxsize=100_000)
+def _word_vector(word: str, dims: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+    v = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    return v / np.linalg.norm(v)
