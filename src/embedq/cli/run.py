@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 import typer
 
+from embedq.app import App
 from embedq.cli.common import console, print_json, state, table
 from embedq.jobs import JobSpec
 from embedq.worker import Worker
@@ -65,9 +67,16 @@ def worker(
 def demo(
     ctx: typer.Context,
     jobs: int = typer.Option(200, "--jobs", min=1, max=1_000_000, help="Demo jobs to run."),
+    embed: bool = typer.Option(
+        True, "--embed/--no-embed", help="Also embed and search the bundled demo documents."
+    ),
+    provider: str | None = typer.Option(
+        None, "--provider", help="Provider of the demo collection (default: embedding_provider)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the final status as JSON."),
 ) -> None:
-    """Quick start: migrate, enqueue demo jobs, run a worker until they are done, show the queue."""
+    """Quick start: migrate, run demo jobs through a worker, then embed the bundled documents
+    with the local model and search them."""
     st = state(ctx)
 
     async def go() -> dict[str, object]:
@@ -77,12 +86,23 @@ def demo(
             specs = [JobSpec("embedq.echo", {"n": i}, priority=i % 3) for i in range(jobs - 1)]
             specs.append(JobSpec("embedq.sleep", {"seconds": 0.2}, queue="low"))
             await app.enqueue(specs)
-            console.print(f"enqueued {jobs} demo jobs; running a worker until they are done...")
+            if not json_out:
+                console.print(f"enqueued {jobs} demo jobs; running a worker until they are done...")
+            out: dict[str, object] = {}
+            if embed:
+                await _demo_documents(app, provider, json_out)
             w = Worker(app, concurrency=20, exit_when_idle=True, install_signals=False)
             await w.run()
             [overview] = await app.store.fetch("queue_overview", {"dead_after_s": 60})
             counts = await app.store.fetch("counts", {"window_s": 3600})
-            return {"processed": w.processed, "overview": overview, "by_queue": counts}
+            if embed:
+                col = await app.collections.get(DEMO_COLLECTION)
+                out["search"] = [
+                    {"query": q, "hits": [h.to_json() for h in await col.search(q, k=3)]}
+                    for q in DEMO_QUERIES
+                ]
+                out["collection"] = col.to_json()
+            return {"processed": w.processed, "overview": overview, "by_queue": counts, **out}
         finally:
             await app.close()
 
@@ -92,7 +112,45 @@ def demo(
         return
     console.print(f"[green]done:[/] {result['processed']} jobs succeeded")
     table("jobs by queue (last hour)", result["by_queue"])  # type: ignore[arg-type]
+    for search in result.get("search", []):  # type: ignore[attr-defined]
+        rows = [
+            {"rank": i + 1, "key": h["key"], "score": h["score"]}
+            for i, h in enumerate(search["hits"])
+        ]
+        table(f"search: {search['query']!r}", rows)
     console.print(
-        "next: `embedq worker` runs a long-lived worker; `embedq queue status` shows "
-        "the queue; see docs/queue.md"
+        "next: `embedq worker` runs a long-lived worker; `embedq ingest DIR --collection demo` "
+        "adds your files; `embedq search 'question' --collection demo`; see docs/pipeline.md"
     )
+
+
+DEMO_COLLECTION = "demo"
+DEMO_QUERIES = (
+    "how do bees tell each other where the flowers are",
+    "reclaim the space of dead rows",
+)
+
+
+async def _demo_documents(app: App, provider: str | None, quiet: bool) -> None:
+    """Create the demo collection and write the bundled documents into it."""
+    from importlib import resources
+
+    from embedq import ingest
+
+    col = await app.collections.create(DEMO_COLLECTION, provider=provider, exist_ok=True)
+    root = Path(str(resources.files("embedq") / "data" / "demo"))
+    docs = [
+        d
+        for path in ingest.discover([root])
+        for d in ingest.read_file(path, root)
+        if isinstance(d, ingest.SourceDoc)
+    ]
+    await col.upsert_many(
+        [{"key": d.key, "text": d.text, "title": d.title, "metadata": d.metadata} for d in docs]
+    )
+    if not quiet:
+        console.print(
+            f"wrote {len(docs)} documents to collection {DEMO_COLLECTION!r} "
+            f"({col.active.config.provider}/{col.active.config.model}); the worker embeds them"
+        )
+    return []
