@@ -35,9 +35,18 @@ docs: install          ## regenerate docs/cli.md and docs/settings.md
 	$(VENV)/bin/typer embedq.cli utils docs --name embedq --output docs/cli.md
 	$(PY) scripts/gen_settings_doc.py
 
-bench: install
-	$(PY) -m pip install -q -e '.[dev,bench]'
+bench: install .venv-pgai/.installed
 	$(PY) bench/queue.py --json bench/results/queue.json
+	$(PY) bench/pipeline.py --json bench/results/pipeline.json
+
+# pgai (the pipeline benchmark's peer) lives in its own venv: its dependencies would replace
+# torch and numpy in ours (see bench/pgai_peer.py).
+.venv-pgai/.installed:
+	python3 -m venv .venv-pgai
+	.venv-pgai/bin/pip install -q 'pgai==0.12.1' 'openai>=1.44,<2' 'tiktoken>=0.7,<1' \
+		'langchain-text-splitters>=0.2,<1' 'ijson>=3.3' 'filetype==1.2.0' 'pgvector>=0.3,<1' \
+		numpy tokenizers
+	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-pgai .pytest_cache .mypy_cache .ruff_cache
