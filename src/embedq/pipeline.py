@@ -391,6 +391,10 @@ async def _swap(
     with db.translated():
         async with pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
+            # Safe without waiting for the WAL flush: the jobs finish in this same
+            # transaction, so a commit lost in a server crash loses the chunks *and* the
+            # completion together, and the jobs are reclaimed and embedded again.
+            await cur.execute("SET LOCAL synchronous_commit = off")
             await cur.execute(q["lock_own_jobs"], {"ids": finish, "worker": worker_id})
             owned = {int(r["id"]) for r in await cur.fetchall()}
             if not owned:
@@ -445,19 +449,21 @@ async def _swap(
 async def _store_cache(
     cur: Any, q: dict[str, str], spaces: dict[int, Space], fresh: dict[int, Vectors]
 ) -> None:
-    rows = [
-        (space.model_key, h, v)
-        for space_id, space in spaces.items()
-        for h, v in fresh.get(space_id, {}).items()
-    ]
-    if not rows:
-        return
-    await cur.execute(q["cache_stage"])
-    async with cur.copy(q["copy_cache"]) as copy:
-        copy.set_types(["text", "bytea", "vector"])
-        for row in rows:
-            await copy.write_row(row)
-    await cur.execute(q["cache_store"])
+    staged = False
+    for space_id, space in spaces.items():
+        new = fresh.get(space_id)
+        if not new:
+            continue
+        if staged:
+            await cur.execute(q["cache_unstage"])
+        else:
+            await cur.execute(q["cache_stage"])
+            staged = True
+        async with cur.copy(q["copy_cache"]) as copy:
+            copy.set_types(["bytea", "vector"])
+            for h, v in new.items():
+                await copy.write_row((h, v))
+        await cur.execute(q["cache_store"], {"model_key": space.model_key})
 
 
 # --- model switch --------------------------------------------------------------------------

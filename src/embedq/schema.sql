@@ -190,11 +190,10 @@ CREATE TABLE {schema}.documents (
                       setweight(to_tsvector(language, coalesce(title, '')), 'A')
                       || setweight(to_tsvector(language, left(body, 400000)), 'B')) STORED,
     UNIQUE (collection_id, key)
-);
+) WITH (fillfactor = 85);  -- room on each page, so that marking a row embedded is a HOT update
 
 CREATE INDEX documents_tsv_idx ON {schema}.documents USING gin (tsv);
 CREATE INDEX documents_metadata_idx ON {schema}.documents USING gin (metadata jsonb_path_ops);
-CREATE INDEX documents_status_idx ON {schema}.documents (collection_id, status);
 
 -- Which version of a document each space holds chunks for.
 CREATE TABLE {schema}.document_spaces (

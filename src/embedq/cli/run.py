@@ -153,4 +153,3 @@ async def _demo_documents(app: App, provider: str | None, quiet: bool) -> None:
             f"wrote {len(docs)} documents to collection {DEMO_COLLECTION!r} "
             f"({col.active.config.provider}/{col.active.config.model}); the worker embeds them"
         )
-    return []

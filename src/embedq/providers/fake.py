@@ -57,7 +57,11 @@ class FakeProvider:
             for i, text in enumerate(texts):
                 if self.fail_on in text:
                     raise BadInput(f"fake provider refused input {i}: it contains {self.fail_on!r}")
-        return np.stack([self.vector(t) for t in texts]) if texts else np.zeros((0, self.dims))
+        return (
+            np.stack([self.vector(t) for t in texts])
+            if texts
+            else np.zeros((0, self.dims), dtype=np.float32)
+        )
 
     def vector(self, text: str) -> np.ndarray:
         v = np.zeros(self.dims, dtype=np.float32)

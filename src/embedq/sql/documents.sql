@@ -147,17 +147,22 @@ WHERE c.document_id = t.document_id AND c.space_id = t.space_id;
 COPY {schema}.chunks (document_id, space_id, version, seq, tokens, content, embedding)
 FROM STDIN (FORMAT BINARY);
 
--- name: copy_cache
-COPY embedq_cache_in (model_key, hash, embedding) FROM STDIN (FORMAT BINARY);
-
 -- name: cache_stage
-CREATE TEMP TABLE IF NOT EXISTS embedq_cache_in (model_key text, hash bytea, embedding vector)
+CREATE TEMP TABLE IF NOT EXISTS embedq_cache_in (hash bytea, embedding vector)
 ON COMMIT DELETE ROWS;
 
+-- name: copy_cache
+COPY embedq_cache_in (hash, embedding) FROM STDIN (FORMAT BINARY);
+
 -- name: cache_store
+-- Staged by COPY, then inserted: two batches embedding the same new text at once both find
+-- it missing, and the second must not fail.
 INSERT INTO {schema}.embedding_cache (model_key, hash, embedding)
-SELECT DISTINCT ON (model_key, hash) model_key, hash, embedding FROM embedq_cache_in
+SELECT DISTINCT ON (hash) %(model_key)s, hash, embedding FROM embedq_cache_in
 ON CONFLICT DO NOTHING;
+
+-- name: cache_unstage
+TRUNCATE embedq_cache_in;
 
 -- name: mark_spaces
 INSERT INTO {schema}.document_spaces (document_id, space_id, version)
