@@ -318,13 +318,16 @@ class Collections:
             kind = "vector" if dims <= 2000 else "halfvec"
             await conn.execute(
                 sql.SQL(
-                    "CREATE INDEX {} ON {}.chunks USING hnsw (({}::{}) {}) WHERE space_id = {}"
+                    "CREATE INDEX {} ON {}.chunks USING hnsw (({}::{}) {}) "
+                    "WITH (m = {}, ef_construction = {}) WHERE space_id = {}"
                 ).format(
                     sql.Identifier(index_name(space_id)),
                     sql.Identifier(self.app.settings.db_schema),
                     sql.Identifier("embedding"),
                     vector_cast(dims),
                     sql.SQL(f"{kind}_{_OPS[distance]}"),
+                    sql.Literal(self.app.settings.hnsw_m),
+                    sql.Literal(self.app.settings.hnsw_ef_construction),
                     sql.Literal(space_id),
                 )
             )

@@ -240,6 +240,19 @@ class Settings(BaseSettings):
         le=100_000_000,
         description="Longest document text accepted, in characters; longer writes are refused.",
     )
+    hnsw_m: int = Field(
+        default=16,
+        ge=2,
+        le=100,
+        description="HNSW links per node of new vector indexes (pgvector `m`).",
+    )
+    hnsw_ef_construction: int = Field(
+        default=64,
+        ge=4,
+        le=1000,
+        description="HNSW candidate list while building new vector indexes (pgvector "
+        "`ef_construction`): lower inserts faster, higher finds neighbours better.",
+    )
     search_ef: int = Field(
         default=100,
         ge=10,
