@@ -350,3 +350,19 @@ async def test_dropping_a_collection_removes_everything(app: embedq.App) -> None
         app, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'chunks_space_%%_hnsw'"
     )
     assert idx == [(0,)]
+
+
+async def test_a_document_that_fails_for_good_does_not_hold_up_a_model_switch(
+    app: embedq.App,
+) -> None:
+    col = await app.collections.create("stuck", provider="fake", options={"fail_on": "POISON"})
+    await col.upsert_many(
+        [{"key": "bad", "text": "POISON text"}, {"key": "good", "text": "fine text"}]
+    )
+    await drain(app)
+    assert (await col.get("bad")).status == "failed"
+    await col.set_model(model="fake-64", options={"fail_on": "POISON"})
+    await drain(app)
+    fresh = await col.with_fresh_state()
+    assert fresh.active.config.model == "fake-64" and fresh.building is None
+    assert (await col.get("good")).chunks == 1 and (await col.get("bad")).status == "failed"

@@ -576,7 +576,7 @@ class Collection:
 
     async def get(self, key: str) -> Document:
         rows = await self.app.store.fetch_sql(
-            self.q["get_document"], {"collection": self.id, "key": key, "space": self.active.id}
+            self.q["get_document"], {"collection": self.id, "key": key}
         )
         if not rows:
             raise DocumentNotFound(f"no document {key!r} in collection {self.name!r}")

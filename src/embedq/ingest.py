@@ -1,4 +1,4 @@
-"""Reading files into documents: what `embedq add` turns into rows.
+"""Reading files into documents: what `embedq ingest` turns into rows.
 
     for path in discover([Path("docs"), Path("notes.md")]):
         for item in read_file(path, root=Path("docs")):

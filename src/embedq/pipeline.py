@@ -170,6 +170,12 @@ async def embed_batch(app: App, contexts: Sequence[JobContext]) -> BatchOutcome:
     outcome.completed |= completed
     stats.documents += len(completed - superseded)
     stats.superseded += len(completed & superseded)
+    # Also when nothing was written there: the last documents a switch waited for may have
+    # just failed for good.
+    building |= {
+        (cid, space.id) for cid, live in spaces.items() for space, _ in live
+        if space.state == "building"
+    }  # fmt: skip
     for collection_id, space_id in building:
         await maybe_finish_switch(app, collection_id, space_id)
     return outcome

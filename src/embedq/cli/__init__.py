@@ -1,4 +1,5 @@
-"""The `embedq` command line: `worker`, `db`, `settings`, `queue`, `demo`.
+"""The `embedq` command line: `worker`, `db`, `settings`, `queue`, `demo`, `collection`,
+`doc`, `search`, `ingest`, `provider`.
 
 Every command takes `--json` where it prints data, and every error is one line naming the
 problem and the fix, with a non-zero exit; never a traceback.
@@ -10,7 +11,7 @@ import sys
 
 import typer
 
-from embedq.cli import admin, queue, run
+from embedq.cli import admin, collection, queue, run, search
 from embedq.cli.common import State, console_err, setup_logging
 from embedq.errors import EmbedqError
 
@@ -26,6 +27,11 @@ app.add_typer(admin.settings_app, name="settings")
 app.add_typer(queue.queue_app, name="queue")
 app.command("worker")(run.worker)
 app.command("demo")(run.demo)
+app.add_typer(collection.collection_app, name="collection")
+app.add_typer(collection.doc_app, name="doc")
+app.add_typer(search.provider_app, name="provider")
+app.command("search")(search.search)
+app.command("ingest")(search.ingest)
 
 
 @app.callback()

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from embedq.app import App, load_app
@@ -92,6 +93,10 @@ def table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = No
 
 
 def _cell(v: Any) -> str:
+    return escape(_text(v))  # a key like "[draft]" is text, not Rich markup
+
+
+def _text(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, datetime):

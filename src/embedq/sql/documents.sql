@@ -36,7 +36,7 @@ ORDER BY c.name;
 -- name: space_progress
 -- How many documents of a collection a space holds at their current version.
 SELECT count(*) AS documents,
-       count(ds.version) FILTER (WHERE ds.version = d.version) AS done
+       count(*) FILTER (WHERE ds.version = d.version OR d.status = 'failed') AS done
 FROM {schema}.documents d
 LEFT JOIN {schema}.document_spaces ds ON ds.document_id = d.id AND ds.space_id = %(space)s
 WHERE d.collection_id = %(collection)s;
@@ -90,7 +90,8 @@ RETURNING id, key;
 SELECT d.id, d.key, d.title, d.body, d.metadata, d.version, d.status, d.error,
        d.created_at, d.updated_at, d.embedded_at,
        (SELECT count(*) FROM {schema}.chunks ch
-        WHERE ch.document_id = d.id AND ch.space_id = %(space)s) AS chunks
+        JOIN {schema}.spaces s ON s.id = ch.space_id AND s.state = 'active'
+        WHERE ch.document_id = d.id) AS chunks
 FROM {schema}.documents d
 WHERE d.collection_id = %(collection)s AND d.key = %(key)s;
 
@@ -183,10 +184,13 @@ WHERE d.id = t.id AND d.version = t.version;
 
 -- name: building_done
 -- Whether a building space holds every document of its collection at its current version.
+-- A document whose current version failed for good does not hold the switch up: it has no
+-- chunks in either model until it is rewritten.
 SELECT NOT EXISTS (
     SELECT 1 FROM {schema}.documents d
     LEFT JOIN {schema}.document_spaces ds ON ds.document_id = d.id AND ds.space_id = %(space)s
     WHERE d.collection_id = %(collection)s AND ds.version IS DISTINCT FROM d.version
+      AND d.status <> 'failed'
 ) AS done;
 
 -- name: activate_space
