@@ -17,7 +17,7 @@ from tests.conftest import drain
 import embedq
 from embedq.chunking import chunk_text, tokenizer_for
 from embedq.documents import DocumentInput
-from embedq.errors import CollectionExists, InvalidDocument, ModelMismatch
+from embedq.errors import CollectionExists, ConfigurationError, InvalidDocument, ModelMismatch
 from embedq.providers.fake import FakeProvider
 
 
@@ -99,6 +99,10 @@ async def test_bad_documents_are_refused_before_anything_is_written(app: embedq.
         await app.collections.create("c2", provider="fake", chunk_size=50, chunk_overlap=50)
     with pytest.raises(InvalidDocument, match="collection name"):
         await app.collections.create("no spaces allowed", provider="fake")
+    with pytest.raises(ConfigurationError, match="cannot change that"):
+        await app.collections.create("c3", provider="local", dimensions=512)
+    with pytest.raises(ConfigurationError, match="unknown provider"):
+        await app.collections.create("c4", provider="cohere")
 
 
 async def test_a_stale_job_ends_superseded_never_an_error(app: embedq.App) -> None:

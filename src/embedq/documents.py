@@ -255,6 +255,7 @@ class Collections:
                 existing.check_same_model(config)
                 return existing
         dims = await probe_dimensions(config, s)
+        _check_requested(config, dimensions, dims)
         pool = self.app.store.pool
         assert pool is not None
         async with pool.connection() as conn:
@@ -664,6 +665,7 @@ class Collection:
                 "to finish (`embedq collection show`)"
             )
         dims = await probe_dimensions(config, s)
+        _check_requested(config, dimensions, dims)
         if model_key(config, dims) == self.active.model_key:
             raise ModelMismatch(
                 f"collection {self.name!r} already embeds with {config.provider}/"
@@ -759,6 +761,16 @@ def provider_config(
         options={k: v for k, v in extra.items() if k not in known},
     )
     return config
+
+
+def _check_requested(config: ProviderConfig, requested: int | None, dims: int) -> None:
+    """Only some providers can shorten vectors; elsewhere --dimensions must be the model's."""
+    if requested is not None and requested != dims:
+        raise ConfigurationError(
+            f"{config.provider}/{config.model} makes {dims}-dimensional vectors; "
+            f"--dimensions {requested} cannot change that (only OpenAI text-embedding-3 models "
+            "shorten vectors). Leave --dimensions out."
+        )
 
 
 def _int_option(options: Mapping[str, Any], name: str) -> int | None:

@@ -152,7 +152,10 @@ async def embed_batch(app: App, contexts: Sequence[JobContext]) -> BatchOutcome:
         for space, chunking in spaces.get(int(doc["collection_id"]), []):
             if held.get(str(space.id)) != int(doc["version"]):
                 items.append(_Item(jobs[job_id], doc_id, int(doc["version"]), space, chunking))
-    await asyncio.to_thread(_chunk_all, items, docs)
+    if len(items) > 8:
+        await asyncio.to_thread(_chunk_all, items, docs)
+    else:
+        _chunk_all(items, docs)  # a few documents: quicker than the hop to a thread
 
     failures, vectors, fresh = await _embed_items(app, items)
     for job_id, exc in failures.items():
@@ -397,10 +400,6 @@ async def _swap(
     with db.translated():
         async with pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
-            # Safe without waiting for the WAL flush: the jobs finish in this same
-            # transaction, so a commit lost in a server crash loses the chunks *and* the
-            # completion together, and the jobs are reclaimed and embedded again.
-            await cur.execute("SET LOCAL synchronous_commit = off")
             await cur.execute(q["lock_own_jobs"], {"ids": finish, "worker": worker_id})
             owned = {int(r["id"]) for r in await cur.fetchall()}
             if not owned:
@@ -429,21 +428,21 @@ async def _swap(
                                 (i.document_id, i.space.id, i.version, c.seq, c.tokens, c.text,
                                  space_vectors[h])
                             )  # fmt: skip
-                await cur.execute(
-                    q["mark_spaces"],
-                    {
-                        "documents": [i.document_id for i in swap],
-                        "spaces": [i.space.id for i in swap],
-                        "versions": [i.version for i in swap],
-                    },
-                )
                 building |= {
                     (i.space.collection_id, i.space.id) for i in swap if i.space.state == "building"
                 }
                 await _store_cache(cur, q, {i.space.id: i.space for i in swap}, fresh)
             done_docs = [d for d, j in owner.items() if j in owned and j not in late]
             if done_docs:
-                await cur.execute(q["mark_embedded"], {"ids": done_docs})
+                await cur.execute(
+                    q["mark_done"],
+                    {
+                        "documents": [i.document_id for i in swap],
+                        "spaces": [i.space.id for i in swap],
+                        "versions": [i.version for i in swap],
+                        "done": done_docs,
+                    },
+                )
             ids = sorted(owned)
             outcomes = ["superseded" if (j in superseded or j in late) else None for j in ids]
             completed = await app.store.complete(
@@ -459,6 +458,16 @@ async def _store_cache(
     for space_id, space in spaces.items():
         new = fresh.get(space_id)
         if not new:
+            continue
+        if len(new) <= 32:
+            await cur.execute(
+                q["cache_store_small"],
+                {
+                    "model_key": space.model_key,
+                    "hashes": list(new),
+                    "embeddings": list(new.values()),
+                },
+            )
             continue
         if staged:
             await cur.execute(q["cache_unstage"])

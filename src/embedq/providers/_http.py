@@ -296,3 +296,29 @@ def _error_detail(response: httpx.Response) -> tuple[str | None, str]:
 def _snippet(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+class HttpProvider:
+    """What the HTTP adapters share: batching, the probe for the vector length, closing.
+    A subclass sets `max_batch`, `_width`, `_http` and implements `_embed_batch`."""
+
+    max_batch: int
+    _width: VectorWidth
+    _http: JsonClient
+
+    async def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, await self.dimensions()), dtype=np.float32)
+        return await in_batches(texts, self.max_batch, self._embed_batch)
+
+    async def dimensions(self) -> int:
+        if self._width.known is None:
+            await self._embed_batch(["dimensions probe"])
+        assert self._width.known is not None  # learnt from the probe
+        return self._width.known
+
+    async def close(self) -> None:
+        await self._http.aclose()

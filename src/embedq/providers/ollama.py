@@ -18,10 +18,10 @@ import numpy as np
 
 from embedq.providers import as_matrix
 from embedq.providers._http import (
+    HttpProvider,
     JsonClient,
     Service,
     VectorWidth,
-    in_batches,
     malformed,
     normalize_url,
 )
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 _PASSED_OPTIONS = ("keep_alive", "options")
 
 
-class OllamaProvider:
+class OllamaProvider(HttpProvider):
     """See the module docstring."""
 
     name = "ollama"
@@ -64,11 +64,6 @@ class OllamaProvider:
         self._width = VectorWidth(self._service, config.dimensions)
         self._http = JsonClient(self._service, settings)
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, await self.dimensions()), dtype=np.float32)
-        return await in_batches(texts, self.max_batch, self._embed_batch)
-
     async def _embed_batch(self, texts: list[str]) -> np.ndarray:
         payload: dict[str, Any] = {"model": self.model, "input": texts, "truncate": True}
         if self._requested_dims:
@@ -80,12 +75,3 @@ class OllamaProvider:
             raise malformed(self._service, "a reply without an 'embeddings' list")
         matrix = as_matrix(rows, len(texts), self._service.where)
         return self._width.check(matrix)
-
-    async def dimensions(self) -> int:
-        if self._width.known is None:
-            await self._embed_batch(["dimensions probe"])
-        assert self._width.known is not None  # learnt from the probe
-        return self._width.known
-
-    async def close(self) -> None:
-        await self._http.aclose()

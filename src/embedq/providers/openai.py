@@ -22,10 +22,10 @@ import numpy as np
 
 from embedq.providers import as_matrix
 from embedq.providers._http import (
+    HttpProvider,
     JsonClient,
     Service,
     VectorWidth,
-    in_batches,
     malformed,
     normalize_url,
 )
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from embedq.settings import Settings
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     """See the module docstring."""
 
     name = "openai"
@@ -72,11 +72,6 @@ class OpenAIProvider:
         headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key and has_key else {}
         self._width = VectorWidth(self._service, config.dimensions)
         self._http = JsonClient(self._service, settings, headers=headers)
-
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, await self.dimensions()), dtype=np.float32)
-        return await in_batches(texts, self.max_batch, self._embed_batch)
 
     async def _embed_batch(self, texts: list[str]) -> np.ndarray:
         payload: dict[str, Any] = {
@@ -117,12 +112,3 @@ class OpenAIProvider:
         if len(raw) % 4:
             raise malformed(self._service, f"data[{position}] that is not float32 bytes")
         return np.frombuffer(raw, dtype="<f4")
-
-    async def dimensions(self) -> int:
-        if self._width.known is None:
-            await self._embed_batch(["dimensions probe"])
-        assert self._width.known is not None  # learnt from the probe
-        return self._width.known
-
-    async def close(self) -> None:
-        await self._http.aclose()

@@ -125,11 +125,14 @@ WHERE model_key = %(model_key)s AND hash = ANY(%(hashes)s::bytea[]);
 
 -- name: lock_own_jobs
 -- Inside the swap transaction: the jobs this worker still holds, locked so that no reclaim
--- can move them until the transaction ends.
-SELECT id FROM {schema}.jobs
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND worker_id = %(worker)s
-ORDER BY id
-FOR UPDATE;
+-- can move them until the transaction ends. The commit need not wait for the WAL flush: the
+-- jobs finish in this same transaction, so a commit lost in a server crash loses the chunks
+-- *and* the completion together, and the jobs are reclaimed and embedded again.
+SELECT j.id FROM {schema}.jobs j
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS cfg
+WHERE j.id = ANY(%(ids)s::bigint[]) AND j.state = 'running' AND j.worker_id = %(worker)s
+ORDER BY j.id
+FOR UPDATE OF j;
 
 -- name: lock_documents
 -- In (collection, key) order, the order writes lock them in (upsert_documents), so a swap
@@ -165,16 +168,24 @@ ON CONFLICT DO NOTHING;
 -- name: cache_unstage
 TRUNCATE embedq_cache_in;
 
--- name: mark_spaces
-INSERT INTO {schema}.document_spaces (document_id, space_id, version)
-SELECT * FROM unnest(%(documents)s::bigint[], %(spaces)s::int[], %(versions)s::int[])
-ON CONFLICT (document_id, space_id) DO UPDATE
-    SET version = EXCLUDED.version, embedded_at = now();
-
--- name: mark_embedded
+-- name: mark_done
+-- Which version each space now holds, and the documents whose swap is complete.
+WITH held AS (
+    INSERT INTO {schema}.document_spaces (document_id, space_id, version)
+    SELECT * FROM unnest(%(documents)s::bigint[], %(spaces)s::int[], %(versions)s::int[])
+    ON CONFLICT (document_id, space_id) DO UPDATE
+        SET version = EXCLUDED.version, embedded_at = now()
+)
 UPDATE {schema}.documents
 SET status = 'embedded', error = NULL, embedded_at = now()
-WHERE id = ANY(%(ids)s::bigint[]);
+WHERE id = ANY(%(done)s::bigint[]);
+
+-- name: cache_store_small
+-- Few new vectors: one statement instead of staging them with COPY.
+INSERT INTO {schema}.embedding_cache (model_key, hash, embedding)
+SELECT %(model_key)s, t.hash, t.embedding
+FROM unnest(%(hashes)s::bytea[], %(embeddings)s::vector[]) AS t(hash, embedding)
+ON CONFLICT DO NOTHING;
 
 -- name: mark_failed
 UPDATE {schema}.documents d
