@@ -254,7 +254,7 @@ class Settings(BaseSettings):
         "`ef_construction`): lower inserts faster, higher finds neighbours better.",
     )
     search_ef: int = Field(
-        default=100,
+        default=200,
         ge=10,
         le=1000,
         description="HNSW candidate list size at query time (pgvector hnsw.ef_search): "
