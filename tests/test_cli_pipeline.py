@@ -273,3 +273,12 @@ async def test_probe_reports_a_dimension_mismatch(app: embedq.App) -> None:
 def test_bad_input_gets_one_clear_line(db_url: str, args: list[str], needle: str) -> None:
     make_collection(db_url)
     one_clear_line(run_cli(*args, env=cli_env(db_url)), needle)
+
+
+def test_demo_embeds_and_searches_the_bundled_documents(db_url: str) -> None:
+    out = json.loads(
+        ok(run_cli("demo", "--jobs", "5", "--provider", "fake", "--json", env=cli_env(db_url)))
+    )
+    assert out["collection"]["documents"]["embedded"] == 8
+    first = out["search"][0]
+    assert first["query"].startswith("how do bees") and first["hits"][0]["key"] == "honeybees.md"
