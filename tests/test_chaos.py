@@ -9,6 +9,7 @@ generous deadline passes, then assert on what the rows say.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -725,3 +726,52 @@ def test_soak_random_sigkills_lose_nothing_and_complete_each_job_once(
     reclaimed = scalar(db_url, "SELECT count(*) FROM embedq.job_events WHERE event = 'reclaimed'")
     assert kills >= 3 and reclaimed > 0
     print(f"soak: {n} jobs, {kills} SIGKILLs, {reclaimed} reclaims, final states {states}")
+
+
+# --- the pipeline: a worker SIGKILLed in the middle of an embed batch -----------------------
+
+
+def test_sigkill_mid_embed_batch_loses_nothing_and_embeds_each_version_once(
+    db_url: str, workers: Workers
+) -> None:
+    """Invariant 1 for the pipeline: worker A dies while its batch is at the provider; B
+    reclaims the jobs and embeds every document exactly once, at its current version."""
+
+    async def write() -> None:
+        async with embedq.App(database_url=db_url) as app:
+            col = await app.collections.create(
+                "chaos", provider="fake", options={"latency_ms": 30_000}
+            )
+            await col.upsert_many([{"key": f"d{i}", "text": f"text number {i}"} for i in range(40)])
+
+    asyncio.run(write())
+    a = workers.start(db_url, env=SHORT_LEASE, label="A")
+    wait_for(
+        lambda: rows(db_url, "SELECT 1 FROM embedq.jobs WHERE state = 'running' LIMIT 1"),
+        60,
+        "embed jobs to be running on worker A",
+        a.log,
+    )
+    os.kill(a.pid, signal.SIGKILL)
+    assert a.wait(30) == -signal.SIGKILL
+    # B's provider answers at once: the same collection, its latency option lifted
+    rows(
+        db_url,
+        "UPDATE embedq.spaces SET config = jsonb_set(config, '{options}', '{}'::jsonb) "
+        "RETURNING id",
+    )
+    b = workers.start(db_url, "--exit-when-idle", env=SHORT_LEASE, label="B")
+    assert b.wait(120) == 0, workers.logs()
+    assert counts(db_url) == {
+        "pending": 0,
+        "running": 0,
+        "succeeded": 40,
+        "dead": 0,
+        "cancelled": 0,
+    }
+    assert rows(db_url, "SELECT count(*), count(DISTINCT document_id) FROM embedq.chunks") == [
+        (40, 40)
+    ]
+    assert rows(db_url, "SELECT DISTINCT status FROM embedq.documents") == [("embedded",)]
+    # every job was started by A (attempt 1, reclaimed) and finished once, by B
+    assert events(db_url)["succeeded"] == 40 and events(db_url)["reclaimed"] >= 1
