@@ -95,6 +95,10 @@ async def test_bad_documents_are_refused_before_anything_is_written(app: embedq.
     assert await rows(app, "SELECT count(*) FROM embedq.documents") == [(0,)]
     with pytest.raises(CollectionExists):
         await app.collections.create("bad", provider="fake")
+    same = await app.collections.create("bad", provider="fake", exist_ok=True)
+    assert same.name == "bad"
+    with pytest.raises(CollectionExists, match="chunk_size 200"):
+        await app.collections.create("bad", provider="fake", chunk_size=100, exist_ok=True)
     with pytest.raises(InvalidDocument, match="chunk"):
         await app.collections.create("c2", provider="fake", chunk_size=50, chunk_overlap=50)
     with pytest.raises(InvalidDocument, match="collection name"):

@@ -220,7 +220,7 @@ class Collections:
         provider: str | None = None,
         model: str | None = None,
         dimensions: int | None = None,
-        distance: str = "cosine",
+        distance: str | None = None,
         chunk_size: int | None = None,
         chunk_overlap: int | None = None,
         title_prefix: bool = False,
@@ -236,7 +236,7 @@ class Collections:
                 f"collection name {name!r} is invalid: 1-63 letters, digits, '_', '.', '-', "
                 "starting with a letter or digit"
             )
-        if distance not in DISTANCES:
+        if distance is not None and distance not in DISTANCES:
             raise InvalidDocument(f"distance {distance!r} is invalid: use {', '.join(DISTANCES)}")
         s = self.app.settings
         config = provider_config(
@@ -253,7 +253,24 @@ class Collections:
             with contextlib.suppress(CollectionNotFound):
                 existing = await self.get(name)
                 existing.check_same_model(config)
+                asked = {
+                    "distance": distance,
+                    "chunk_size": chunk_size,
+                    "chunk_overlap": chunk_overlap,
+                    "title_prefix": title_prefix or None,
+                }
+                differ = [
+                    f"{k} {getattr(existing, k)!r} (asked {v!r})"
+                    for k, v in asked.items()
+                    if v is not None and v != getattr(existing, k)
+                ]  # fmt: skip
+                if differ:
+                    raise CollectionExists(
+                        f"collection {name!r} exists with other settings: {', '.join(differ)}; "
+                        "drop it first, or create it under another name"
+                    )
                 return existing
+        distance = distance or "cosine"
         dims = await probe_dimensions(config, s)
         _check_requested(config, dimensions, dims)
         pool = self.app.store.pool

@@ -22,6 +22,7 @@ because the old chunks were just removed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -161,7 +162,9 @@ async def _embed_query(collection: Collection, space: Space, query: str) -> np.n
         from embedq.chunking import tokenizer_for
 
         guarded = collection.app.endpoints.get(space.config)
-        tokens = tokenizer_for(space.config).count(query)
+        # The first use loads the tokenizer (a fraction of a second): not on the event loop.
+        tokenizer = await asyncio.to_thread(tokenizer_for, space.config)
+        tokens = tokenizer.count(query)
         [vector] = await guarded.embed([query], tokens=tokens)
         _query_vectors[key] = vector
         if len(_query_vectors) > 2048:

@@ -113,6 +113,8 @@ class Worker:
         self._jobs: dict[int, Job] = {}
         self._batch_jobs: set[int] = set()  # held jobs that belong to a running batch
         self._batches: dict[str, int] = {}  # batch executions in flight per queue
+        # Batch queues worth a claim: announced by NOTIFY, or full last time, or polled.
+        self._batch_dirty: set[str] = set()
         # Plain-function tasks still running in threads after their jobs were released at
         # shutdown; Python cannot stop a thread, so the process must exit without waiting.
         self.abandoned_threads = 0
@@ -231,10 +233,16 @@ class Worker:
         backoff = _Backoff()
         s = self.app.settings
         batch_queues = self._batch_queues()
+        self._batch_dirty.update(batch_queues)
         regular = [q for q in self.queues or [] if q not in batch_queues] or None
         if self.queues and regular is None:
             regular = []  # this worker serves batch queues only
+        polled = time.monotonic()
         while not self._stopping.is_set():
+            if time.monotonic() - polled >= s.poll_interval_s:
+                # The poll: delayed or released jobs fall due without a NOTIFY.
+                self._batch_dirty.update(batch_queues)
+                polled = time.monotonic()
             free = self.concurrency - self._held_count() + len(self._batch_jobs)
             batch_free = {
                 q: t
@@ -246,13 +254,19 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             self._wake.clear()
+            self._slot_free.clear()
             saturated = False
             try:
                 for queue, task in batch_free.items():
+                    if queue not in self._batch_dirty:
+                        continue  # nothing announced there since it last came back short
                     size = task.batch_size or s.embed_batch_size
+                    self._batch_dirty.discard(queue)
                     jobs = await self.store.claim(self.id, size, [queue])
                     self._start(jobs, batch_queue=queue)
-                    saturated = saturated or len(jobs) == size
+                    if len(jobs) == size:
+                        saturated = True
+                        self._batch_dirty.add(queue)
                 if free > 0 and regular != []:
                     want = min(free, self.batch_size)
                     jobs = await self.store.claim(self.id, want, regular, skip=list(batch_queues))
@@ -269,8 +283,20 @@ class Worker:
                     if await self._queue_empty():
                         log.info("queue drained; worker %s exits (--exit-when-idle)", self.id)
                         return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), s.poll_interval_s)
+                # Regular slots all taken (we only claimed batches): a finishing job is also
+                # a reason to claim again, or that capacity idles until the next poll.
+                await self._idle(s.poll_interval_s, slots=free <= 0 and regular != [])
+
+    async def _idle(self, timeout: float, *, slots: bool) -> None:
+        """Wait for a NOTIFY (or a freed slot, with `slots`), at most `timeout` seconds."""
+        waits = [asyncio.ensure_future(self._wake.wait())]
+        if slots:
+            waits.append(asyncio.ensure_future(self._slot_free.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _start(self, jobs: list[Job], batch_queue: str | None = None) -> None:
         """Start claimed jobs: one asyncio task per job, one per group of a batch task."""
@@ -570,10 +596,12 @@ class Worker:
                 async with db.connect(self.app.settings) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(chan)))
                     backoff.reset()
+                    self._batch_dirty.update(self._batch_queues())
                     self._wake.set()  # catch up on anything sent while we were away
                     while True:
                         async for note in conn.notifies(timeout=5.0):
                             if not wanted or note.payload in wanted:
+                                self._batch_dirty.add(note.payload)
                                 self._wake.set()
                         await conn.execute("SELECT 1")  # liveness: raises on a dead link
             except asyncio.CancelledError:

@@ -122,7 +122,7 @@ def create(
     provider: str | None = PROVIDER_OPTION,
     model: str | None = typer.Option(None, "--model", help="Model name (default: the provider's)."),
     dimensions: int | None = DIMENSIONS_OPTION,
-    distance: str = typer.Option("cosine", "--distance", help="cosine, l2 or ip."),
+    distance: str | None = typer.Option(None, "--distance", help="cosine (default), l2 or ip."),
     chunk_size: int | None = typer.Option(
         None, "--chunk-size", help="Tokens per chunk (default 200 local/fake, 400 APIs)."
     ),
