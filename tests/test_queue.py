@@ -564,3 +564,31 @@ async def test_worker_whose_heartbeat_stops_is_shown_dead(app: embedq.App) -> No
     assert rows == {alive: "running", silent: "dead"}
     [overview] = await app.store.fetch("queue_overview", {"dead_after_s": 15})
     assert overview["workers_alive"] == 1
+
+
+async def test_batch_task_gets_its_jobs_together_and_reports_each(app: embedq.App) -> None:
+    seen: list[int] = []
+
+    @app.task(name="t.batch", queue="batchq", batch=True, batch_size=50, retry=1)
+    async def batch(jobs: list[embedq.JobContext]) -> embedq.BatchOutcome:
+        seen.append(len(jobs))
+        out = embedq.BatchOutcome()
+        for ctx in jobs:
+            if ctx.job.args["n"] % 2:
+                out.failed[ctx.job.id] = embedq.PermanentError(f"odd {ctx.job.args['n']}")
+        return out
+
+    await batch.defer_many_async([{"n": i} for i in range(10)])
+    await drain(app)
+    assert seen == [10]  # one call for all ten jobs
+    assert app.pool is not None
+    async with app.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT state::text AS state, count(*) AS n FROM embedq.jobs_archive GROUP BY 1 ORDER BY 1"
+        )
+        assert [(r["state"], r["n"]) for r in await cur.fetchall()] == [
+            ("dead", 5),
+            ("succeeded", 5),
+        ]
+    with pytest.raises(embedq.InvalidJob, match="async"):
+        app.task(name="t.syncbatch", batch=True)(lambda jobs: None)

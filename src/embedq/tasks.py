@@ -139,6 +139,11 @@ class Task:
 
     def __post_init__(self) -> None:
         JobSpec(self.name, queue=self.queue, priority=self.priority, timeout_s=self.timeout_s)
+        if self.batch and not inspect.iscoroutinefunction(self.func):
+            raise InvalidJob(
+                f"batch task {self.name!r} must be an async function taking a list of "
+                "JobContext and returning a BatchOutcome"
+            )
         if self.cron is not None and not croniter.is_valid(self.cron):
             raise InvalidJob(
                 f"cron expression {self.cron!r} of task {self.name!r} is invalid: use five "
