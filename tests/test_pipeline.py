@@ -18,6 +18,7 @@ import embedq
 from embedq.chunking import chunk_text, tokenizer_for
 from embedq.documents import DocumentInput
 from embedq.errors import CollectionExists, ConfigurationError, InvalidDocument, ModelMismatch
+from embedq.pipeline import finish_switch
 from embedq.providers.fake import FakeProvider
 
 
@@ -345,6 +346,10 @@ async def test_model_switch_with_searches_running(app: embedq.App) -> None:
     assert [c[:3] for c in await chunks_of(app, "d5")] == [
         (2, 0, "a write during the switch goes to both models")
     ]
+    # a second completion (another batch that waited for the lock) changes nothing
+    assert not await finish_switch(app, col.id, space.id)
+    again = await col.with_fresh_state()
+    assert again.active.id == space.id and again.building is None
 
 
 async def test_dropping_a_collection_removes_everything(app: embedq.App) -> None:

@@ -505,17 +505,24 @@ async def finish_switch(app: App, collection_id: int, space_id: int) -> bool:
         async with pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(q["lock_collection"], {"collection": collection_id})
+            # Another batch may have completed this switch while we waited for the lock: then
+            # the space is active already, and must not be retired by a second activation.
+            await cur.execute(q["space_state"], {"space": space_id})
+            row = await cur.fetchone()
+            if not row or row["state"] != "building":
+                return False
             await cur.execute(q["building_done"], {"collection": collection_id, "space": space_id})
             row = await cur.fetchone()
             if not row or not row["done"]:
                 return False
-            await cur.execute(q["activate_space"], {"collection": collection_id, "space": space_id})
-            row = await cur.fetchone()
-            if not row or row["promoted"] is None:
-                return False
-            if row["retired"] is not None:
+            await cur.execute(q["retire_active"], {"collection": collection_id})
+            retired = [int(r["id"]) for r in await cur.fetchall()]
+            await cur.execute(q["promote_space"], {"space": space_id})
+            if not await cur.fetchall():
+                raise RuntimeError(f"space {space_id} could not be promoted")  # rolls back
+            if retired:
                 await app.store.enqueue(
-                    [JobSpec(RETIRE_TASK, {"space": int(row["retired"])}, queue=EMBED_QUEUE)],
+                    [JobSpec(RETIRE_TASK, {"space": sid}, queue=EMBED_QUEUE) for sid in retired],
                     conn=conn,
                 )
     log.info("collection %s now searches space %s (model switch complete)", collection_id, space_id)

@@ -204,18 +204,22 @@ SELECT NOT EXISTS (
       AND d.status <> 'failed'
 ) AS done;
 
--- name: activate_space
--- The atomic model switch: the building space becomes the one searched.
-WITH retired AS (
-    UPDATE {schema}.spaces SET state = 'retired'
-    WHERE collection_id = %(collection)s AND state = 'active'
-    RETURNING id
-), promoted AS (
-    UPDATE {schema}.spaces SET state = 'active', activated_at = now()
-    WHERE id = %(space)s AND state = 'building'
-    RETURNING id
-)
-SELECT (SELECT id FROM retired) AS retired, (SELECT id FROM promoted) AS promoted;
+-- name: space_state
+SELECT state FROM {schema}.spaces WHERE id = %(space)s;
+
+-- name: retire_active
+-- The model switch, step 1 of 2 (one transaction, the collection row locked): the space
+-- searched so far is retired ...
+UPDATE {schema}.spaces SET state = 'retired'
+WHERE collection_id = %(collection)s AND state = 'active'
+RETURNING id;
+
+-- name: promote_space
+-- ... step 2: the building space becomes the one searched. Two statements, in this order,
+-- because the one-active-space index is checked row by row.
+UPDATE {schema}.spaces SET state = 'active', activated_at = now()
+WHERE id = %(space)s AND state = 'building'
+RETURNING id;
 
 -- name: lock_collection
 SELECT id FROM {schema}.collections WHERE id = %(collection)s FOR UPDATE;
