@@ -62,11 +62,19 @@ from psycopg.rows import tuple_row
 import embedq
 from embedq.documents import Collection
 
-_spec = importlib.util.spec_from_file_location("pgai_peer", _HERE / "pgai_peer.py")
-assert _spec and _spec.loader
-pgai_peer = importlib.util.module_from_spec(_spec)
-sys.modules["pgai_peer"] = pgai_peer  # its dataclasses look their module up by name
-_spec.loader.exec_module(pgai_peer)
+
+def _load(name: str, filename: str) -> Any:
+    """A sibling bench script as a module (by path: this folder is kept off sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, _HERE / filename)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+pgai_peer = _load("pgai_peer", "pgai_peer.py")
+bench_queue = _load("bench_queue", "queue.py")  # for server_cpu_s
 
 SIZES = {
     "full": {"local_docs": 800, "openai_rows": 20_000, "writes": 60, "chunks": 100_000, "queries": 200},
@@ -194,6 +202,9 @@ def embedq_worker_rows_per_s(
         asyncio.run(load())
         env = {**os.environ, "EMBEDQ_DATABASE_URL": url, "EMBEDQ_LOG_LEVEL": "WARNING"}
         env.pop("EMBEDQ_SCHEMA", None)
+        postmaster = _postmaster(url)
+        db_cpu_before = bench_queue.server_cpu_s(postmaster)
+        worker_cpu_before = pgai_peer._children_cpu_s()
         started = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedq", "worker", "--queues", "embed", "--exit-when-idle"],
@@ -214,18 +225,41 @@ def embedq_worker_rows_per_s(
                 time.sleep(0.05)
         seconds = time.perf_counter() - started
         proc.wait(timeout=60)
+        db_cpu_after = bench_queue.server_cpu_s(postmaster)
+        worker_cpu_s = pgai_peer._children_cpu_s() - worker_cpu_before
         steady = None
         if first and seconds > first[0]:
             steady = (len(texts) - first[1]) / (seconds - first[0])
+        n = len(texts)
         return {
-            "rows": len(texts),
+            "rows": n,
             "seconds": seconds,
-            "rows_per_s": len(texts) / seconds,
+            "rows_per_s": n / seconds,
             "first_row_s": first[0] if first else None,
             "steady_rows_per_s": steady,
+            # the worker process from start to exit (its start-up included)
+            "worker_cpu_ms_per_row": worker_cpu_s / n * 1000,
+            # the whole server meanwhile (embedded server only: None for another server)
+            "db_cpu_ms_per_row": (
+                (db_cpu_after - db_cpu_before) / n * 1000
+                if db_cpu_before is not None and db_cpu_after is not None
+                else None
+            ),
         }
     finally:
         drop(server, "embedq_bench_openai")
+
+
+def _postmaster(url: str) -> Any:
+    """The local server's main process (to read its CPU time), or None if not local."""
+    import psutil
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        try:  # while the backend lives: it exits with the connection
+            return psutil.Process(row[0]).parent() if row else None
+        except psutil.Error:
+            return None
 
 
 def bench_openai(server: str, rows: int, latency_ms: float) -> dict[str, Any]:
@@ -419,10 +453,20 @@ def report(results: dict[str, Any]) -> None:
                          f"pgai {peer:.0f}" if peer else f"pgai failed: {r['pgai'].get('error', '')[:60]}",
                          f"{r['ratio_to_pgai']:.2f}x (>= {target:g})" if peer else "-",
                          verdict(r.get("ratio_to_pgai"), ">=", target)))  # fmt: skip
+            m = r["embedq"]
+            cpu = f"worker {m['worker_cpu_ms_per_row']:.2f}"
+            if m["db_cpu_ms_per_row"] is not None:
+                cpu += f" + db {m['db_cpu_ms_per_row']:.2f}"
+            rows.append(("  steady rows/s; CPU ms per row", f"{m['steady_rows_per_s'] or 0:.0f}; {cpu}",
+                         f"pgai {r['pgai'].get('steady_rows_per_s') or 0:.0f}; worker "
+                         f"{(r['pgai'].get('worker_cpu_us_per_row') or 0) / 1000:.2f}", "", ""))  # fmt: skip
             u = r["embedq_without_vector_index"]
             rows.append(("  same, embedq without HNSW index (as pgai ran)", f"{u['rows_per_s']:.0f}",
                          f"pgai {peer:.0f}" if peer else "-",
                          f"{r['ratio_to_pgai_without_vector_index']:.2f}x" if peer else "-", ""))  # fmt: skip
+            if u["db_cpu_ms_per_row"] is not None:
+                rows.append(("  same, CPU ms per row", f"worker {u['worker_cpu_ms_per_row']:.2f} + db "
+                             f"{u['db_cpu_ms_per_row']:.2f}", "", "", ""))  # fmt: skip
     if "write_to_searchable" in results:
         r = results["write_to_searchable"]
         limit = 50 + r["model_p50_ms"]

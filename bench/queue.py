@@ -608,8 +608,9 @@ class Bench:
 
         with psycopg.connect(self.server_url, autocommit=True) as conn:
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        with contextlib.suppress(psutil.Error, TypeError):
-            self.postmaster = psutil.Process(row[0]).parent() if row else None
+            # while the backend lives: it exits with the connection
+            with contextlib.suppress(psutil.Error, TypeError):
+                self.postmaster = psutil.Process(row[0]).parent() if row else None
 
     def create_databases(self) -> None:
         with psycopg.connect(self.server_url, autocommit=True) as conn:

@@ -69,6 +69,27 @@ async def test_token_bucket_makes_callers_wait_for_capacity() -> None:
     assert time.monotonic() - t >= 0.4
 
 
+async def test_a_models_rate_limits_make_calls_wait_instead_of_earning_429s() -> None:
+    """The collection options rpm / tpm reach the guard: past a minute's budget, calls wait
+    (a lower bound on time: a slow machine only makes it longer)."""
+    per_tokens = GuardedProvider(
+        ProviderConfig(provider="fake", model="fake-8", tokens_per_minute=6000),
+        Settings.load(),
+    )
+    await per_tokens.embed(["a"], tokens=6000)  # the whole minute's tokens
+    t = time.monotonic()
+    await per_tokens.embed(["b"], tokens=50)  # 100 tokens/s: half a second
+    assert time.monotonic() - t >= 0.4
+    per_request = GuardedProvider(
+        ProviderConfig(provider="fake", model="fake-8", requests_per_minute=60), Settings.load()
+    )
+    for _ in range(60):
+        await per_request.embed(["c"])
+    t = time.monotonic()
+    await per_request.embed(["d"])  # the 61st request of the minute: one second
+    assert time.monotonic() - t >= 0.8
+
+
 def settings(**kw: object) -> Settings:
     return Settings.load(cli={"breaker_failures": 2, "breaker_cooldown_s": 0.5, **kw})
 

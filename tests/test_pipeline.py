@@ -128,6 +128,7 @@ async def test_a_stale_job_ends_superseded_never_an_error(app: embedq.App) -> No
         app, "SELECT args->>'version', state::text, outcome FROM embedq.jobs_archive ORDER BY id"
     )
     assert outcomes == [("1", "succeeded", "superseded"), ("2", "succeeded", None)]
+    assert (app.pipeline_stats.superseded, app.pipeline_stats.documents) == (1, 1)
     assert [c[:3] for c in await chunks_of(app, "file")] == [(2, 0, "second upload of the file")]
 
 
@@ -379,3 +380,35 @@ async def test_a_document_that_fails_for_good_does_not_hold_up_a_model_switch(
     fresh = await col.with_fresh_state()
     assert fresh.active.config.model == "fake-64" and fresh.building is None
     assert (await col.get("good")).chunks == 1 and (await col.get("bad")).status == "failed"
+
+
+async def test_a_selective_filter_still_returns_k_documents(app: embedq.App) -> None:
+    """1,000 near-identical documents, 10 of them tagged: a filtered semantic search must
+    still find all 10 (the HNSW scan alone would stop at its candidate list, mostly
+    untagged; iterative scans, or the planner's filter-first plan, must go on)."""
+    col = await app.collections.create("sel", provider="fake")
+    await col.upsert_many(
+        [
+            {
+                "key": f"d{i}",
+                "text": f"shared words about queues {i}",
+                "metadata": {"rare": i % 100 == 0},
+            }
+            for i in range(1000)
+        ]
+    )
+    await drain(app)
+    hits = await col.search(
+        "shared words about queues", mode="semantic", k=10, filters={"rare": True}
+    )
+    assert sorted(h.key for h in hits) == sorted(f"d{i}" for i in range(0, 1000, 100))
+
+
+async def test_an_embed_job_with_bad_arguments_is_dead_lettered_alone(app: embedq.App) -> None:
+    col = await app.collections.create("args", provider="fake")
+    await col.upsert("ok", "a good document")
+    await app.enqueue([embedq.JobSpec("embedq.embed", {"document": "x"}, queue="embed")])
+    await drain(app)
+    dead = await rows(app, "SELECT last_error FROM embedq.jobs_archive WHERE state = 'dead'")
+    assert len(dead) == 1 and "needs integer 'document' and 'version'" in dead[0][0]
+    assert (await col.get("ok")).status == "embedded"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,7 +166,21 @@ def vector_cast(dimensions: int) -> sql.Composable:
     return sql.SQL("{}({})").format(sql.SQL(kind), sql.Literal(dimensions))
 
 
-_OPS = {"cosine": "cosine_ops", "l2": "l2_ops", "ip": "ip_ops"}
+def drop_index(schema: str, space_id: int) -> sql.Composed:
+    """The statement that removes a space's HNSW index (with the space, or after a switch)."""
+    return sql.SQL("DROP INDEX IF EXISTS {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(index_name(space_id))
+    )
+
+
+_OPCLASS = {
+    ("vector", "cosine"): "vector_cosine_ops",
+    ("vector", "l2"): "vector_l2_ops",
+    ("vector", "ip"): "vector_ip_ops",
+    ("halfvec", "cosine"): "halfvec_cosine_ops",
+    ("halfvec", "l2"): "halfvec_l2_ops",
+    ("halfvec", "ip"): "halfvec_ip_ops",
+}
 
 
 def validate_document(doc: DocumentInput, max_chars: int) -> DocumentInput:
@@ -343,7 +356,7 @@ class Collections:
                     sql.Identifier(self.app.settings.db_schema),
                     sql.Identifier("embedding"),
                     vector_cast(dims),
-                    sql.SQL(f"{kind}_{_OPS[distance]}"),
+                    sql.SQL(_OPCLASS[kind, distance]),
                     sql.Literal(self.app.settings.hnsw_m),
                     sql.Literal(self.app.settings.hnsw_ef_construction),
                     sql.Literal(space_id),
@@ -381,12 +394,7 @@ class Collections:
                     await conn.execute(self.q["cancel_collection_jobs"], {"collection": col.id})
                     await conn.execute(self.q["drop_collection"], {"name": name})
                     for space in spaces:
-                        await conn.execute(
-                            sql.SQL("DROP INDEX IF EXISTS {}.{}").format(
-                                sql.Identifier(self.app.settings.db_schema),
-                                sql.Identifier(index_name(space.id)),
-                            )
-                        )
+                        await conn.execute(drop_index(self.app.settings.db_schema, space.id))
         return True
 
 
@@ -635,12 +643,7 @@ class Collection:
     # --- model switch --------------------------------------------------------------------
 
     async def retired_spaces(self) -> list[Space]:
-        rows = await self.app.store.fetch_sql(
-            sql.SQL(
-                "SELECT * FROM {}.spaces WHERE collection_id = %(c)s AND state = 'retired'"
-            ).format(sql.Identifier(self.app.settings.db_schema)),
-            {"c": self.id},
-        )
+        rows = await self.app.store.fetch_sql(self.q["retired_spaces"], {"collection": self.id})
         return [Space.from_row(r) for r in rows]
 
     async def progress(self, space: Space | None = None) -> tuple[int, int]:
@@ -828,7 +831,7 @@ async def probe_dimensions(config: ProviderConfig, settings: Any) -> int:
         ) from None
     finally:
         await provider.close()
-    if not isinstance(dims, int) or dims < 1 or not math.isfinite(dims):
+    if not isinstance(dims, int) or dims < 1:
         raise ConfigurationError(f"{config.provider}/{config.model} reported {dims!r} dimensions")
     return dims
 

@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from psycopg import sql
 from psycopg.rows import dict_row
 
 from embedq import db, queries
 from embedq.chunking import Chunk, chunk_text, tokenizer_for
-from embedq.documents import EMBED_QUEUE, EMBED_TASK, Space, index_name
+from embedq.documents import EMBED_QUEUE, EMBED_TASK, Space, drop_index
 from embedq.errors import (
     BadInput,
     CircuitOpen,
@@ -167,12 +166,12 @@ async def embed_batch(app: App, contexts: Sequence[JobContext]) -> BatchOutcome:
 
     done_items = [i for i in items if i.job.id not in failures]
     finish = [j for j in list(owner.values()) + list(superseded) if j not in failures]
-    completed, building = await _swap(
+    completed, stale, building = await _swap(
         app, worker_id, finish, superseded, done_items, owner, vectors, fresh
     )
     outcome.completed |= completed
-    stats.documents += len(completed - superseded)
-    stats.superseded += len(completed & superseded)
+    stats.documents += len(completed - stale)
+    stats.superseded += len(stale)
     # Also when nothing was written there: the last documents a switch waited for may have
     # just failed for good.
     building |= {
@@ -387,11 +386,11 @@ async def _swap(
     owner: dict[int, int],
     vectors: dict[int, Vectors],
     fresh: dict[int, Vectors],
-) -> tuple[set[int], set[tuple[int, int]]]:
-    """The one transaction of step 5; returns the jobs it finished and the building spaces
-    it wrote to."""
+) -> tuple[set[int], set[int], set[tuple[int, int]]]:
+    """The one transaction of step 5; returns the jobs it finished, those of them that were
+    superseded, and the building spaces it wrote to."""
     if not finish:
-        return set(), set()
+        return set(), set(), set()
     s = app.settings
     q = queries.load("documents.sql", s.db_schema)
     pool = app.store.pool
@@ -403,7 +402,7 @@ async def _swap(
             await cur.execute(q["lock_own_jobs"], {"ids": finish, "worker": worker_id})
             owned = {int(r["id"]) for r in await cur.fetchall()}
             if not owned:
-                return set(), set()
+                return set(), set(), set()
             doc_ids = sorted({i.document_id for i in items if i.job.id in owned})
             await cur.execute(q["lock_documents"], {"ids": doc_ids})
             current = {int(r["id"]): int(r["version"]) for r in await cur.fetchall()}
@@ -448,7 +447,8 @@ async def _swap(
             completed = await app.store.complete(
                 worker_id, ids, [None] * len(ids), outcomes, conn=conn
             )
-    return set(completed), building
+    stale = {j for j, o in zip(ids, outcomes, strict=True) if o == "superseded"}
+    return set(completed), stale & set(completed), building
 
 
 async def _store_cache(
@@ -531,26 +531,13 @@ async def finish_switch(app: App, collection_id: int, space_id: int) -> bool:
 
 async def retire(app: App, space_id: int) -> int:
     """Remove a retired space's chunks (in slices, so no long lock) and its index."""
-    schema = sql.Identifier(app.settings.db_schema)
+    q = queries.load("documents.sql", app.settings.db_schema)
     removed = 0
     while True:
-        rows = await app.store.fetch_sql(
-            sql.SQL(
-                "WITH gone AS (DELETE FROM {s}.chunks WHERE id IN (SELECT id FROM {s}.chunks "
-                "WHERE space_id = %(space)s LIMIT 10000) RETURNING 1) SELECT count(*) AS n "
-                "FROM gone"
-            ).format(s=schema),
-            {"space": space_id},
-        )
-        n = int(rows[0]["n"])
-        removed += n
-        if n == 0:
+        [row] = await app.store.fetch_sql(q["delete_space_chunks"], {"space": space_id})
+        removed += int(row["n"])
+        if not row["n"]:
             break
-    await app.store.fetch_sql(
-        sql.SQL("DELETE FROM {s}.document_spaces WHERE space_id = %(space)s").format(s=schema),
-        {"space": space_id},
-    )
-    await app.store.fetch_sql(
-        sql.SQL("DROP INDEX IF EXISTS {}.{}").format(schema, sql.Identifier(index_name(space_id)))
-    )
+    await app.store.fetch_sql(q["forget_space"], {"space": space_id})
+    await app.store.fetch_sql(drop_index(app.settings.db_schema, space_id))
     return removed

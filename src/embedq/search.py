@@ -159,12 +159,14 @@ async def _embed_query(collection: Collection, space: Space, query: str) -> np.n
     key = (space.model_key, query)
     vector = _query_vectors.get(key)
     if vector is None:
-        from embedq.chunking import tokenizer_for
-
         guarded = collection.app.endpoints.get(space.config)
-        # The first use loads the tokenizer (a fraction of a second): not on the event loop.
-        tokenizer = await asyncio.to_thread(tokenizer_for, space.config)
-        tokens = tokenizer.count(query)
+        tokens = 0
+        if guarded.tpm is not None:  # only a tokens-per-minute limit needs the count
+            from embedq.chunking import tokenizer_for
+
+            # The first use loads the tokenizer (a fraction of a second): not on the loop.
+            tokenizer = await asyncio.to_thread(tokenizer_for, space.config)
+            tokens = tokenizer.count(query)
         [vector] = await guarded.embed([query], tokens=tokens)
         _query_vectors[key] = vector
         if len(_query_vectors) > 2048:
@@ -310,7 +312,8 @@ def compile_filters(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[st
         for j, (op, value) in enumerate(ops.items()):
             p = f"f{i}_{j}"
             params[f"{p}_name"] = name
-            field_ = sql.SQL("d.metadata -> %({})s").format(sql.SQL(f"{p}_name"))
+            name_ph = sql.Placeholder(f"{p}_name")
+            field_ = sql.SQL("d.metadata -> {}").format(name_ph)
             ph = sql.Placeholder(p)
             if op == "$eq":
                 _check_scalar(name, op, value)
@@ -339,9 +342,7 @@ def compile_filters(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[st
                 if isinstance(value, str):
                     params[p] = value
                     parts.append(
-                        sql.SQL("(d.metadata ->> %({n})s) {cmp} {v}").format(
-                            n=sql.SQL(f"{p}_name"), cmp=cmp, v=ph
-                        )
+                        sql.SQL("(d.metadata ->> {n}) {cmp} {v}").format(n=name_ph, cmp=cmp, v=ph)
                     )
                 else:
                     if not math.isfinite(value):
@@ -356,7 +357,7 @@ def compile_filters(filters: Mapping[str, Any]) -> tuple[sql.Composable, dict[st
             elif op == "$exists":
                 if not isinstance(value, bool):
                     raise InvalidDocument(f"filter {name}.$exists needs true or false")
-                test = sql.SQL("d.metadata ? %({})s").format(sql.SQL(f"{p}_name"))
+                test = sql.SQL("d.metadata ? {}").format(name_ph)
                 parts.append(test if value else sql.SQL("NOT ({})").format(test))
             else:
                 raise InvalidDocument(

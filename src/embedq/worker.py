@@ -450,17 +450,8 @@ class Worker:
             self._slot_free.set()
             self._wake.set()  # a batch slot is free: claim the next batch now
 
-    async def _execute_batch_inner(self, task: Task, jobs: list[Job]) -> None:
-        runnable: list[Job] = []
-        for job in jobs:
-            bad = task.check_args(job.args)
-            if bad is None:
-                runnable.append(job)
-            else:
-                msg = f"arguments do not fit task {job.task!r}: {bad}"
-                await self._record_failure(job, msg, "bad_arguments", permanent=True)
-        if not runnable:
-            return
+    async def _execute_batch_inner(self, task: Task, runnable: list[Job]) -> None:
+        # A batch task checks each job's arguments itself (reporting bad ones as failed).
         contexts = [JobContext(job=j, app=self.app, worker_id=self.id) for j in runnable]
         timeout = max((j.timeout_s or 0.0) for j in runnable) or task.timeout_s
         timeout = timeout or self.app.settings.job_timeout_s

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,10 +53,10 @@ class Breaker:
     failures: int = 0
     opened_at: float | None = None
     probing: bool = False
-    clock: object = field(default=time.monotonic, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def _now(self) -> float:
-        return self.clock()  # type: ignore[operator,no-any-return]
+        return self.clock()
 
     @property
     def state(self) -> str:

@@ -224,8 +224,20 @@ RETURNING id;
 -- name: lock_collection
 SELECT id FROM {schema}.collections WHERE id = %(collection)s FOR UPDATE;
 
--- name: retired_space_chunks
-DELETE FROM {schema}.chunks WHERE space_id = %(space)s;
+-- name: retired_spaces
+SELECT * FROM {schema}.spaces WHERE collection_id = %(collection)s AND state = 'retired';
+
+-- name: delete_space_chunks
+-- A retired space's chunks go in slices, so no statement holds its locks for long.
+WITH gone AS (
+    DELETE FROM {schema}.chunks
+    WHERE id IN (SELECT id FROM {schema}.chunks WHERE space_id = %(space)s LIMIT 10000)
+    RETURNING 1
+)
+SELECT count(*) AS n FROM gone;
+
+-- name: forget_space
+DELETE FROM {schema}.document_spaces WHERE space_id = %(space)s;
 
 -- name: stale_documents
 -- Documents a space lacks at their current version (for a model switch's backfill).
