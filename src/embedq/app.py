@@ -185,9 +185,19 @@ class App:
             raise RuntimeError("the app is not open: use `async with app:` or `await app.open()`")
         return self._store
 
-    async def open(self, *, migrate: bool | None = None, pool_size: int = 10) -> App:
+    async def open(
+        self,
+        *,
+        migrate: bool | None = None,
+        pool_size: int = 10,
+        acquire_timeout_s: float | None = None,
+    ) -> App:
         """Connect, apply pending migrations (unless `migrate=False` or the auto_migrate
-        setting is off: then only check the schema is current), load stored settings."""
+        setting is off: then only check the schema is current), load stored settings.
+
+        `acquire_timeout_s` bounds the wait for a pooled connection (default: the connect
+        timeout); the API keeps it short so a request fails fast while the database is down.
+        """
         if migrate is None:
             migrate = self.settings.auto_migrate
         if self.pool is not None:
@@ -197,7 +207,7 @@ class App:
             if migrate:
                 await migrations.upgrade(conn, self.settings.db_schema, where=where)
             await migrations.check_current(conn, self.settings.db_schema)
-        pool = db.make_pool(self.settings, max_size=pool_size)
+        pool = db.make_pool(self.settings, max_size=pool_size, timeout=acquire_timeout_s)
         with db.translated():
             await pool.open(wait=True, timeout=self.settings.connect_timeout_s)
         self.pool = pool

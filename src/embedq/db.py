@@ -153,7 +153,7 @@ async def connect(
 
 
 def make_pool(
-    settings: Settings, *, max_size: int = 10, name: str = "embedq"
+    settings: Settings, *, max_size: int = 10, name: str = "embedq", timeout: float | None = None
 ) -> AsyncConnectionPool:
     """A connection pool (not yet opened) that reconnects on its own after an outage."""
     url = database_url(settings)
@@ -164,7 +164,7 @@ def make_pool(
         kwargs={"autocommit": True, "row_factory": dict_row, **connection_kwargs(settings)},
         open=False,
         name=name,
-        timeout=settings.connect_timeout_s,
+        timeout=timeout or settings.connect_timeout_s,
         reconnect_timeout=0,  # never give up: an outage ends, the pool reconnects
         check=AsyncConnectionPool.check_connection,
         configure=register_vector,

@@ -13,6 +13,7 @@
     │   ├── UnknownTask             no task of that name is registered
     │   ├── UnknownQueue            no queue of that name is known
     │   └── JobNotFound
+    ├── TokenError                  an API token cannot be created or revoked as asked
     ├── PermanentError              raised by a task: dead-letter at once, never retry
     ├── TaskTimeout                 a task ran past its timeout (transient)
     ├── CollectionError             a collection or document cannot be used as asked
@@ -85,6 +86,10 @@ class UnknownQueue(JobError):
 
 class JobNotFound(JobError):
     """No job has that id (or it is not in a state the action applies to)."""
+
+
+class TokenError(EmbedqError):
+    """An API token cannot be created or revoked as asked (bad name or scope, unknown)."""
 
 
 class PermanentError(EmbedqError):

@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".html", ".htm", ".jsonl"})
@@ -106,11 +106,21 @@ def read_file(path: Path, root: Path) -> Iterator[SourceDoc | Skipped]:
     except OSError as exc:
         yield Skipped(where, f"cannot read the file: {exc.strerror or exc}")
         return
+    yield from read_bytes(data, _key(path, root), where)
+
+
+def read_bytes(data: bytes, key: str, where: str | None = None) -> Iterator[SourceDoc | Skipped]:
+    """The documents in one file's bytes, its type read off `key`'s suffix (an upload's file
+    name); like `read_file`, a bad file comes back as `Skipped` with the reason."""
+    where = where or key
+    suffix = PurePosixPath(key).suffix.lower()
+    if suffix not in SUFFIXES:
+        supported = ", ".join(sorted(SUFFIXES))
+        yield Skipped(where, f"unsupported file type {suffix or '(none)'}; use {supported}")
+        return
     if not data.strip():
         yield Skipped(where, "empty")
         return
-
-    key = _key(path, root)
     if suffix == ".jsonl":
         yield from _read_jsonl(data, where)
         return

@@ -102,6 +102,29 @@ class Settings(BaseSettings):
         default=True, description="Apply pending migrations when a worker starts."
     )
 
+    # --- service (`embedq serve`): read at start -----------------------------------------
+    api_host: str = _bootstrap(
+        default="127.0.0.1",
+        description="Address `embedq serve` listens on ('0.0.0.0' in containers).",
+    )
+    api_port: int = _bootstrap(default=8000, ge=1, le=65_535, description="Port of the API.")
+    api_auth: bool = _bootstrap(
+        default=True,
+        description="Require a bearer token on every route but the health checks. Turn off "
+        "only behind a proxy that authenticates.",
+    )
+    admin_token: SecretStr | None = _bootstrap(
+        default=None,
+        description="A token ('eq_' + 32 or more url-safe characters) that `embedq serve` "
+        "makes sure exists with the admin scope: for automated deployments. Unset: the first "
+        "start creates one and prints it once.",
+    )
+    api_cors_origins: list[str] | None = _bootstrap(
+        default=None,
+        description="Origins allowed to call the API from a browser, comma-separated; unset: "
+        "CORS off (the dashboard is served from the API's own origin and needs none).",
+    )
+
     # --- worker --------------------------------------------------------------------------
     worker_concurrency: int = Field(
         default=10, ge=1, le=10_000, description="Jobs one worker runs at once."
@@ -261,6 +284,43 @@ class Settings(BaseSettings):
         "higher finds more of the true nearest chunks, slower.",
     )
 
+    # --- service limits ----------------------------------------------------------------
+    serve_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Workers `embedq serve` runs in its own process (0: none; scale with "
+        "`embedq worker` processes instead).",
+    )
+    api_max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest request body the API accepts (file uploads aside); larger: 413.",
+    )
+    api_max_upload_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1024,
+        le=10 * 1024**3,
+        description="Largest file upload the API accepts; larger: 413.",
+    )
+    api_rate_limit_per_s: float = Field(
+        default=100.0,
+        ge=0,
+        le=1_000_000,
+        description="Requests per second one token may make on average (0: no limit); "
+        "over it: 429 with Retry-After.",
+    )
+    api_rate_burst: int = Field(
+        default=200, ge=1, le=1_000_000, description="Requests one token may make at once."
+    )
+    api_wait_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Longest `?wait=true` a write may ask for (its `timeout=` is capped here).",
+    )
+
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:
         if self.heartbeat_s * 2 > self.lease_s:
@@ -278,7 +338,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a lower-case SQL identifier such as 'embedq'")
         return v
 
-    @field_validator("worker_queues", mode="before")
+    @field_validator("worker_queues", "api_cors_origins", mode="before")
     @classmethod
     def _split_queues(cls, v: Any) -> Any:
         if isinstance(v, str):

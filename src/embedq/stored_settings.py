@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
-from pydantic import TypeAdapter
+from pydantic import SecretStr, TypeAdapter
 
 from embedq.db import describe_target
 from embedq.errors import ConfigurationError
@@ -104,10 +104,10 @@ async def unset_value(store: JobStore, name: str) -> bool:
 def shown(settings: Settings, name: str) -> Any:
     """A setting's value fit to print: secrets masked, paths and lists as plain JSON."""
     value = getattr(settings, name)
-    if is_secret(name) or name in ("database_url", "secret_key"):
-        if value is None:
-            return None
-        if name == "database_url":
-            return describe_target(value.get_secret_value())
+    if value is None:
+        return None
+    if name == "database_url":
+        return describe_target(value.get_secret_value())
+    if is_secret(name) or isinstance(value, SecretStr):
         return MASK
     return TypeAdapter(Any).dump_python(value, mode="json")

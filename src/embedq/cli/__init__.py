@@ -1,5 +1,5 @@
-"""The `embedq` command line: `worker`, `db`, `settings`, `queue`, `demo`, `collection`,
-`doc`, `search`, `ingest`, `provider`.
+"""The `embedq` command line: `serve`, `health`, `token`, `worker`, `db`, `settings`, `queue`,
+`demo`, `collection`, `doc`, `search`, `ingest`, `provider`.
 
 Every command takes `--json` where it prints data, and every error is one line naming the
 problem and the fix, with a non-zero exit; never a traceback.
@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from embedq.cli import admin, collection, queue, run, search
+from embedq.cli import admin, collection, queue, run, search, service
 from embedq.cli.common import State, console_err, setup_logging
 from embedq.errors import EmbedqError
 
@@ -25,6 +25,9 @@ app = typer.Typer(
 app.add_typer(admin.db_app, name="db")
 app.add_typer(admin.settings_app, name="settings")
 app.add_typer(queue.queue_app, name="queue")
+app.command("serve")(service.serve)
+app.command("health")(service.health)
+app.add_typer(service.token_app, name="token")
 app.command("worker")(run.worker)
 app.command("demo")(run.demo)
 app.add_typer(collection.collection_app, name="collection")

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from embedq import db, migrations, stored_settings
+from embedq import db, migrations, status, stored_settings
 from embedq.app import App
 from embedq.cli.common import (
     JSON_OPTION,
@@ -19,7 +19,7 @@ from embedq.cli.common import (
     with_app,
 )
 from embedq.errors import ConfigurationError
-from embedq.settings import Settings, env_names, is_bootstrap, is_secret
+from embedq.settings import Settings, env_names, is_secret
 
 db_app = typer.Typer(help="Database schema: migrations and checks.", no_args_is_help=True)
 settings_app = typer.Typer(help="Settings and where each value comes from.", no_args_is_help=True)
@@ -110,19 +110,7 @@ def db_verify(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
 
 
 async def _settings_rows(app: App) -> list[dict[str, Any]]:
-    s = app.settings
-    return [
-        {
-            "name": name,
-            "value": stored_settings.shown(s, name),
-            "source": s.source(name),
-            "env": env_names(name)[0],
-            "stored_in_db": not is_bootstrap(name),
-            "secret": is_secret(name),
-            "description": field.description,
-        }
-        for name, field in Settings.model_fields.items()
-    ]
+    return status.settings_rows(app.settings)
 
 
 @settings_app.command("list")

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from embedq import status as status_
 from embedq.app import App
 from embedq.cli.common import (
     JSON_OPTION,
@@ -36,30 +37,10 @@ LIST_COLUMNS = [
 ]
 
 
-def _dead_after(app: App) -> float:
-    return max(3 * app.settings.heartbeat_s, app.settings.lease_s)
-
-
-async def _status(app: App) -> dict[str, Any]:
-    [overview] = await app.store.fetch("queue_overview", {"dead_after_s": _dead_after(app)})
-    counts = await app.store.fetch("counts", {"window_s": 3600})
-
-    def empty(paused: bool) -> dict[str, Any]:
-        return {"paused": paused, "pending": 0, "running": 0, "succeeded_1h": 0,
-                "dead_1h": 0, "cancelled_1h": 0}  # fmt: skip
-
-    queues = {q["name"]: empty(q["paused"]) for q in await app.store.queues()}
-    for row in counts:
-        q = queues.setdefault(row["queue"], empty(False))
-        key = row["state"] if row["state"] in ("pending", "running") else f"{row['state']}_1h"
-        q[key] = int(row["n"])
-    return {"overview": overview, "queues": queues}
-
-
 @queue_app.command("status")
 def status(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     """Counts now: pending, running, stuck, dead; per queue, with paused flags."""
-    out = run(with_app(state(ctx), _status))
+    out = run(with_app(state(ctx), status_.queue_status))
     if json_out:
         print_json(out)
         return
@@ -97,45 +78,6 @@ def stats(
     table("finished per minute", out["throughput_per_minute"][:30])
 
 
-def _health_checks(overview: dict[str, Any], max_age_s: float) -> list[dict[str, Any]]:
-    due = int(overview["due"])
-    age = float(overview["oldest_due_age_s"] or 0)
-    alive = int(overview["workers_alive"])
-    return [
-        {"check": "database", "ok": True, "detail": "reachable, schema current"},
-        {
-            "check": "workers",
-            "ok": alive > 0 or due == 0,
-            "detail": f"{alive} alive"
-            + (
-                ""
-                if alive or not due
-                else f", {due} jobs due and none to run them: start `embedq worker`"
-            ),
-        },
-        {
-            "check": "stuck",
-            "ok": int(overview["stuck"]) == 0,
-            "detail": f"{overview['stuck']} running jobs past their lease"
-            + (
-                " (a worker will reclaim them; `embedq queue reset-stuck` now)"
-                if int(overview["stuck"])
-                else ""
-            ),
-        },
-        {
-            "check": "backlog",
-            "ok": age <= max_age_s,
-            "detail": f"oldest due job waits {age:.1f} s (limit {max_age_s:g} s)",
-        },
-        {
-            "check": "dead_last_hour",
-            "ok": True,
-            "detail": f"{overview['dead_last_hour']} jobs dead-lettered in the last hour",
-        },
-    ]
-
-
 @queue_app.command("health")
 def health(
     ctx: typer.Context,
@@ -145,12 +87,11 @@ def health(
     """Health checks with an exit code (0 healthy, 1 not): database, schema, workers, backlog."""
 
     async def go(app: App) -> dict[str, Any]:
-        [overview] = await app.store.fetch("queue_overview", {"dead_after_s": _dead_after(app)})
-        return overview
+        return await status_.overview(app)
 
     try:
         overview = run(with_app(state(ctx), go))
-        checks = _health_checks(overview, max_age)
+        checks = status_.health_checks(overview, max_age)
     except SchemaError as exc:
         checks = [{"check": "database", "ok": False, "detail": str(exc)}]
     ok = all(c["ok"] for c in checks)
@@ -167,7 +108,7 @@ def health(
 @queue_app.command("metrics")
 def metrics(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     """Queue metrics in Prometheus text format (or JSON)."""
-    out = run(with_app(state(ctx), _status))
+    out = run(with_app(state(ctx), status_.queue_status))
     o = out["overview"]
     if json_out:
         print_json(out)
@@ -428,7 +369,7 @@ def workers(ctx: typer.Context, json_out: bool = JSON_OPTION) -> None:
     """Workers with their heartbeats; one whose heartbeat stopped shows as dead."""
 
     async def go(app: App) -> list[dict[str, Any]]:
-        return await app.store.fetch("workers", {"dead_after_s": _dead_after(app)})
+        return await status_.workers(app)
 
     rows = run(with_app(state(ctx), go))
     if json_out:

@@ -247,3 +247,8 @@ WHERE d.collection_id = %(collection)s AND ds.version IS DISTINCT FROM d.version
   AND d.id > %(after)s
 ORDER BY d.id
 LIMIT %(limit)s;
+
+-- name: document_states
+-- Where the embedding of some documents stands (a write's `?wait=true` polls this).
+SELECT d.key, d.version, d.status, d.error FROM {schema}.documents d
+WHERE d.collection_id = %(collection)s AND d.key = ANY(%(keys)s::text[]);

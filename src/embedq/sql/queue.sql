@@ -308,6 +308,23 @@ SELECT queue, state::text, count(*) FROM {schema}.jobs_archive
 WHERE finished_at > now() - make_interval(secs => %(window_s)s) GROUP BY 1, 2
 ORDER BY 1, 2;
 
+-- name: depth
+-- A metrics scrape, in one round trip: the jobs table by queue and state (with the wait of the
+-- oldest due job), dead jobs by queue (the archive's state index finds them), the registered
+-- queues (so an idle queue shows zeros) and the workers alive.
+SELECT 'jobs' AS kind, queue, state::text AS state, count(*) AS n,
+       max(extract(epoch FROM now() - run_at))
+           FILTER (WHERE state = 'pending' AND run_at <= now()) AS oldest_due_s
+FROM {schema}.jobs GROUP BY queue, state
+UNION ALL
+SELECT 'jobs', queue, 'dead', count(*), NULL FROM {schema}.jobs_archive
+WHERE state = 'dead' GROUP BY queue
+UNION ALL
+SELECT 'queue', name, NULL, 0, NULL FROM {schema}.queues
+UNION ALL
+SELECT 'workers', NULL, NULL, count(*), NULL FROM {schema}.workers
+WHERE state <> 'stopped' AND heartbeat_at > now() - make_interval(secs => %(dead_after_s)s);
+
 -- name: queue_overview
 SELECT
     (SELECT count(*) FROM {schema}.jobs WHERE state = 'pending') AS pending,
@@ -359,6 +376,27 @@ SELECT {cols}, state::text AS state, finished_at FROM (
     UNION ALL
     SELECT {cols}, state, NULL FROM {schema}.jobs WHERE last_error IS NOT NULL
 ) f ORDER BY coalesce(finished_at, run_at) DESC, id DESC LIMIT %(limit)s;
+
+-- name: list_jobs
+-- Jobs of any state, newest first, filtered by state ('failed': dead, or pending after a failed
+-- attempt), queue and task. Each table is cut to the limit on its own index first.
+SELECT * FROM (
+    (SELECT {cols}, state::text AS state, NULL::timestamptz AS finished_at, NULL::text AS outcome
+     FROM {schema}.jobs
+     WHERE (%(state)s::text IS NULL OR state::text = %(state)s
+            OR (%(state)s = 'failed' AND last_error IS NOT NULL AND state = 'pending'))
+       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+       AND (%(task)s::text IS NULL OR task = %(task)s)
+     ORDER BY id DESC LIMIT %(limit)s)
+    UNION ALL
+    (SELECT {cols}, state::text, finished_at, outcome FROM {schema}.jobs_archive
+     WHERE (%(state)s::text IS NULL OR state::text = %(state)s
+            OR (%(state)s = 'failed' AND state = 'dead'))
+       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+       AND (%(task)s::text IS NULL OR task = %(task)s)
+     ORDER BY finished_at DESC LIMIT %(limit)s)
+) j
+ORDER BY coalesce(finished_at, enqueued_at) DESC, id DESC LIMIT %(limit)s;
 
 -- name: stuck
 SELECT {cols}, state::text AS state, extract(epoch FROM now() - lease_expires_at) AS overdue_s
