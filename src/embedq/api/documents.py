@@ -22,7 +22,7 @@ from embedq import ingest
 from embedq.api.auth import require
 from embedq.api.errors import ApiError
 from embedq.documents import Collection, DocumentInput, WriteResult, validate_document
-from embedq.errors import InvalidDocument
+from embedq.errors import InvalidDocument, PermanentProviderError
 from embedq.search import MAX_K
 
 if TYPE_CHECKING:
@@ -203,7 +203,11 @@ async def list_collections(request: Request) -> dict[str, Any]:
 )
 async def create_collection(request: Request, body: CollectionIn) -> dict[str, Any]:
     fields = body.model_dump(exclude={"name"})
-    col = await _service(request).app.collections.create(body.name, **fields)
+    try:
+        col = await _service(request).app.collections.create(body.name, **fields)
+    except PermanentProviderError as exc:
+        # The model asked for does not exist or cannot be used: the request is at fault.
+        raise ApiError(422, f"cannot create collection {body.name!r}: {exc}") from None
     return col.to_json()
 
 
