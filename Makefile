@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-slow lint fmt docs bench clean
+.PHONY: install run demo test test-slow lint fmt docs bench clean
 
 install: $(VENV)/.installed
 
@@ -13,10 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[local,dev]'
 	touch $@
 
-run: install            ## migrate, run demo jobs through a worker, show the queue
+run: install            ## the service: embedded database, migrations, API, dashboard, workers
+	$(VENV)/bin/embedq serve
+
+demo: install           ## migrate, run demo jobs, embed and search the bundled documents
 	$(VENV)/bin/embedq demo
 
 test: install           ## the default suite (what CI runs)
+	@sh scripts/ensure_chromium.sh  # the dashboard's browser test needs Debian's chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: install      ## opt-in soak and chaos tests

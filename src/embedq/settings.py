@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = _bootstrap(
         default=None,
+        json_schema_extra={"secret": True},
         description="A token ('eq_' + 32 or more url-safe characters) that `embedq serve` "
         "makes sure exists with the admin scope: for automated deployments. Unset: the first "
         "start creates one and prints it once.",

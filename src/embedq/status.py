@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from embedq import stored_settings
@@ -14,6 +16,19 @@ from embedq.settings import Settings, env_names, is_bootstrap, is_secret
 
 if TYPE_CHECKING:
     from embedq.app import App
+
+
+def plain(value: Any) -> Any:
+    """Rows as plain JSON values: datetimes as ISO text, numerics (Decimal) as floats."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
 
 
 def dead_after(settings: Settings) -> float:

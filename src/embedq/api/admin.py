@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from embedq import status, stored_settings
 from embedq.api.auth import require
 from embedq.api.errors import ApiError
+from embedq.errors import TokenError
 from embedq.settings import Settings, env_names
 from embedq.tokens import TokenInfo, Tokens
 
@@ -114,6 +115,9 @@ async def create_token(request: Request, body: TokenIn) -> dict[str, Any]:
 @router.delete("/tokens/{name}", summary="Revoke a token", dependencies=[require("admin")])
 async def revoke_token(request: Request, name: str) -> dict[str, Any]:
     service = _service(request)
-    revoked = await Tokens(service.app).revoke(name)
+    try:
+        revoked = await Tokens(service.app).revoke(name)
+    except TokenError as exc:
+        raise ApiError(404, str(exc)) from None
     service.auth.forget()
     return {"revoked": revoked.name}

@@ -26,9 +26,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import embedq
-from embedq import metrics, tokens, tracing
+from embedq import logs, metrics, tokens, tracing
 from embedq.api import admin, documents, errors, health, jobs
-from embedq.api.auth import Auth, require
+from embedq.api.auth import NO_TOKEN, Auth, require
 from embedq.api.errors import ApiError
 from embedq.api.health import DatabaseGate
 from embedq.app import App
@@ -79,7 +79,8 @@ def create_app(app: App | None = None, *, manage: bool = True) -> FastAPI:
         version=embedq.__version__,
         summary="Background embeddings and a durable job queue on PostgreSQL.",
         description="Every route under /v1 needs `Authorization: Bearer <token>` "
-        "(`embedq token create`); only /health/* is open. Errors share one envelope: "
+        "(`embedq token create`); /health/*, /openapi.json and the dashboard's static files "
+        "(/ui, no data in them) are open. Errors share one envelope: "
         '`{"error": {"status", "code", "message", "request_id"}}`. See docs/api.md.',
         lifespan=lifespan,
         docs_url=None,  # Swagger UI loads its assets from a CDN; the service works offline
@@ -156,6 +157,18 @@ class RequestContext:
         status = 500
         started = time.perf_counter()
 
+        if (
+            settings.api_auth
+            and (path.startswith("/v1/") or path == "/metrics")
+            and not headers.get("authorization", "").lower().startswith("bearer ")
+        ):
+            # Before the body is read: a request without a token is a 401 whatever it sends.
+            await _reply(send, 401, "unauthorized", NO_TOKEN, rid,
+                         extra=[(b"www-authenticate", b"Bearer")])  # fmt: skip
+            status = 401
+            self._done(scope, method, path, status, started, rid)
+            return
+
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await _reply(send, 413, "too_large", too_large, rid)
@@ -202,7 +215,8 @@ class RequestContext:
         with tracing.span("http.request", **{"http.method": method, "http.target": path,
                                              "request_id": rid}):  # fmt: skip
             try:
-                await self.app(scope, limited_receive, send_with_id)
+                with logs.context(request_id=rid):
+                    await self.app(scope, limited_receive, send_with_id)
             except ApiError:
                 if not (exceeded and not started_reply):
                     raise
@@ -226,7 +240,14 @@ class RequestContext:
             )  # fmt: skip
 
 
-async def _reply(send: Send, status: int, code: str, message: str, rid: str) -> None:
+async def _reply(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    rid: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = json.dumps(
         {"error": {"status": status, "code": code, "message": message, "request_id": rid}}
     ).encode()
@@ -238,7 +259,8 @@ async def _reply(send: Send, status: int, code: str, message: str, rid: str) -> 
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"x-request-id", rid.encode()),
-                (b"connection", b"close"),
+                (b"connection", b"close"),  # the body was not read
+                *(extra or []),
             ],
         }
     )

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from embedq.api.app import Service
 
 CACHE_S = 5.0
+NO_TOKEN = (
+    "this route needs a token: send 'Authorization: Bearer <token>' (create one with "
+    "`embedq token create`)"
+)
 ANONYMOUS = TokenInfo(id=0, name="anonymous", scopes=("admin",))
 bearer = HTTPBearer(auto_error=False, description="An API token: `embedq token create`.")
 
@@ -95,12 +99,7 @@ def require(scope: str) -> Any:
             request.state.token = ANONYMOUS
             return ANONYMOUS
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise ApiError(
-                401,
-                "this route needs a token: send 'Authorization: Bearer <token>' "
-                "(create one with `embedq token create`)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise ApiError(401, NO_TOKEN, headers={"WWW-Authenticate": "Bearer"})
         token = await service.auth.identify(credentials.credentials)
         if token is None:
             raise ApiError(
@@ -113,7 +112,7 @@ def require(scope: str) -> Any:
             raise ApiError(
                 403,
                 f"token {token.name!r} has scopes {', '.join(token.scopes)}; this route needs "
-                f"'{scope}' (or 'admin')",
+                f"'{scope}'" + (" (or 'admin')" if scope != "admin" else ""),
                 headers={"WWW-Authenticate": f'Bearer error="insufficient_scope" scope="{scope}"'},
             )
         service.auth.meter(token)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,7 +68,9 @@ class CollectionIn(BaseModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Provider options such as rpm and tpm rate limits."
     )
-    exist_ok: bool = Field(False, description="Answer 200 if it exists with this configuration.")
+    exist_ok: bool = Field(
+        False, description="Answer 200 with the existing collection if its configuration matches."
+    )
 
 
 class DocumentIn(BaseModel):
@@ -199,15 +201,24 @@ async def list_collections(request: Request) -> dict[str, Any]:
     status_code=201,
     summary="Create a collection",
     dependencies=[require("admin")],
-    responses={409: {"description": "A collection of that name exists (and exist_ok is off)."}},
+    responses={
+        200: {"description": "With exist_ok: it exists already with this configuration."},
+        409: {"description": "A collection of that name exists (and exist_ok is off)."},
+    },
 )
-async def create_collection(request: Request, body: CollectionIn) -> dict[str, Any]:
+async def create_collection(
+    request: Request, response: Response, body: CollectionIn
+) -> dict[str, Any]:
     fields = body.model_dump(exclude={"name"})
+    collections = _service(request).app.collections
+    existed = body.exist_ok and body.name in {c.name for c in await collections.list()}
     try:
-        col = await _service(request).app.collections.create(body.name, **fields)
+        col = await collections.create(body.name, **fields)
     except PermanentProviderError as exc:
         # The model asked for does not exist or cannot be used: the request is at fault.
         raise ApiError(422, f"cannot create collection {body.name!r}: {exc}") from None
+    if existed:
+        response.status_code = 200
     return col.to_json()
 
 
@@ -373,6 +384,7 @@ async def upload_files(
     if key is not None and len(files) != 1:
         raise ApiError(422, "'key' names one document: send one file with it, or leave it out")
     extra = _metadata_field(metadata)
+    _check_upload_size(_service(request).app.settings.api_max_upload_bytes, files)
     docs: list[DocumentInput] = []
     problems: list[dict[str, str]] = []
     for upload in files:
@@ -396,6 +408,18 @@ async def upload_files(
     written = await col.upsert_many(docs)
     outs, info = await _written(request, col, written, wait, timeout)
     return JSONResponse({"results": outs, **info}, status_code=_status(wait, info))
+
+
+def _check_upload_size(limit: int, files: Sequence[UploadFile]) -> None:
+    # The request-size guard allows room for the multipart framing; the files themselves
+    # must fit the limit.
+    total = sum(upload.size or 0 for upload in files)
+    if total > limit:
+        raise ApiError(
+            413,
+            f"the uploaded files are {total:,} bytes, more than the limit for file uploads "
+            f"({limit:,} bytes); split them or raise the api_max_upload_bytes setting",
+        )
 
 
 def _suffix_for(upload: UploadFile) -> str:

@@ -172,7 +172,7 @@ def install(api: FastAPI, on_database_down: Any = None) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+            message = f"no route {request.method} {request.url.path}; /openapi.json lists them"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return envelope(

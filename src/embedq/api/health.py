@@ -77,7 +77,7 @@ class DatabaseGate:
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self._drop_conn()
             if self.up:
-                self.down(str(db.map_error(exc)).split(" (", 1)[-1].rstrip(").")[:200])
+                self.down(_reason(exc))
             return False
 
     async def run(self) -> None:
@@ -100,6 +100,14 @@ class DatabaseGate:
 
     async def close(self) -> None:
         await self._drop_conn()
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words, short: the 503 message adds what to do."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {PROBE_TIMEOUT_S:g} s"
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _service(request: Request) -> Service:

@@ -54,7 +54,7 @@ async def list_jobs(
     rows = await _app(request).store.fetch(
         "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit}
     )
-    return {"jobs": rows}
+    return {"jobs": status.plain(rows)}
 
 
 @router.post(
@@ -84,7 +84,8 @@ async def enqueue_job(request: Request, body: JobIn) -> dict[str, Any]:
 
 @router.get("/jobs/{job_id}", summary="One job with its events", dependencies=[require("read")])
 async def show_job(request: Request, job_id: int) -> dict[str, Any]:
-    return await _app(request).store.get(job_id)
+    result: dict[str, Any] = status.plain(await _app(request).store.get(job_id))
+    return result
 
 
 @router.post(
@@ -125,7 +126,8 @@ async def cancel_job(request: Request, job_id: int) -> dict[str, Any]:
     "/queues", summary="Queue status: counts now, per queue", dependencies=[require("read")]
 )
 async def queues(request: Request) -> dict[str, Any]:
-    return await status.queue_status(_app(request))
+    result: dict[str, Any] = status.plain(await status.queue_status(_app(request)))
+    return result
 
 
 @router.get(
@@ -140,8 +142,8 @@ async def queue_stats(
     window = {"window_s": hours * 3600}
     return {
         "window_hours": hours,
-        "tasks": await store.fetch("task_stats", window),
-        "throughput_per_minute": await store.fetch("throughput", window),
+        "tasks": status.plain(await store.fetch("task_stats", window)),
+        "throughput_per_minute": status.plain(await store.fetch("throughput", window)),
     }
 
 
@@ -166,4 +168,4 @@ async def resume_queue(request: Request, name: str) -> dict[str, Any]:
 
 @router.get("/workers", summary="Workers with their heartbeats", dependencies=[require("read")])
 async def workers(request: Request) -> dict[str, Any]:
-    return {"workers": await status.workers(_app(request))}
+    return {"workers": status.plain(await status.workers(_app(request)))}

@@ -75,8 +75,11 @@ async def serve(
         )
         server = _Server(config)
         loop = asyncio.get_running_loop()
+        signalled = False
 
         def stop() -> None:
+            nonlocal signalled
+            signalled = True
             if server.should_exit:
                 server.force_exit = True
             server.should_exit = True
@@ -104,8 +107,9 @@ async def serve(
                     f"cannot listen on {host}:{port} (in use, or not an address of this "
                     "host); pick another with --port / --host (EMBEDQ_API_PORT, EMBEDQ_API_HOST)"
                 ) from None
-            for w in engines:
-                w.stop()
+            if not signalled:  # a second stop() would tell the workers to drop their jobs
+                for w in engines:
+                    w.stop()
             await asyncio.gather(*runners)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

