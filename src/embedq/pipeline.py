@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psycopg.rows import dict_row
 
-from embedq import db, queries
+from embedq import db, metrics, queries, tracing
 from embedq.chunking import Chunk, chunk_text, tokenizer_for
 from embedq.documents import EMBED_QUEUE, EMBED_TASK, Space, drop_index
 from embedq.errors import (
@@ -58,7 +58,8 @@ RETIRE_TASK = "embedq.retire_space"
 
 @dataclass
 class PipelineStats:
-    """Counters of this process's embedding work (read by metrics and benchmarks)."""
+    """Counters of this process's embedding work, per App (read by benchmarks and tests;
+    the same work is also counted in `metrics`, per process)."""
 
     batches: int = 0
     documents: int = 0
@@ -108,10 +109,18 @@ def register(app: App) -> None:
 
 async def embed_batch(app: App, contexts: Sequence[JobContext]) -> BatchOutcome:
     """Run a batch of embed jobs (see the module docstring)."""
+    with tracing.span("embedq.embed_batch", jobs=len(contexts)) as span:
+        return await _embed_batch(app, contexts, span)
+
+
+async def _embed_batch(
+    app: App, contexts: Sequence[JobContext], span: tracing.Span
+) -> BatchOutcome:
     stats = app.pipeline_stats
     stats.batches += 1
     stats.batch_sizes.append(len(contexts))
     del stats.batch_sizes[:-1000]
+    metrics.EMBED_BATCH_JOBS.observe(len(contexts))
     outcome = BatchOutcome()
     worker_id = contexts[0].worker_id
     q = queries.load("documents.sql", app.settings.db_schema)
@@ -157,6 +166,8 @@ async def embed_batch(app: App, contexts: Sequence[JobContext]) -> BatchOutcome:
         _chunk_all(items, docs)  # a few documents: quicker than the hop to a thread
 
     failures, vectors, fresh = await _embed_items(app, items)
+    span.set_attribute("embedq.chunks", sum(len(i.chunks) for i in items))
+    span.set_attribute("embedq.texts_embedded", sum(len(f) for f in fresh.values()))
     for job_id, exc in failures.items():
         if isinstance(exc, CircuitOpen):
             outcome.released[job_id] = exc.retry_after
@@ -172,6 +183,12 @@ async def embed_batch(app: App, contexts: Sequence[JobContext]) -> BatchOutcome:
     outcome.completed |= completed
     stats.documents += len(completed - stale)
     stats.superseded += len(stale)
+    metrics.EMBEDDED_DOCUMENTS.inc(len(completed - stale))
+    metrics.SUPERSEDED_JOBS.inc(len(stale))
+    span.set_attribute("embedq.documents", len(completed - stale))
+    span.set_attribute("embedq.superseded", len(stale))
+    span.set_attribute("embedq.failed", len(outcome.failed))
+    span.set_attribute("embedq.released", len(outcome.released))
     # Also when nothing was written there: the last documents a switch waited for may have
     # just failed for good.
     building |= {
@@ -257,6 +274,7 @@ async def _embed_space(
     stats.cache_hits += len(vectors)
     misses = [h for h in texts if h not in vectors]
     stats.cache_misses += len(misses)
+    metrics.observe_cache(len(vectors), len(misses))
     stats.chunks += sum(len(i.chunks) for i in items)
     errors: dict[bytes, BaseException] = {}
     guarded = app.endpoints.get(space.config)
@@ -366,6 +384,7 @@ async def _mark_failed(
     if not final:
         return
     app.pipeline_stats.failed_documents += len(final)
+    metrics.FAILED_DOCUMENTS.inc(len(final))
     q = queries.load("documents.sql", app.settings.db_schema)
     await app.store.fetch_sql(
         q["mark_failed"],

@@ -35,7 +35,7 @@ import numpy as np
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from embedq import db
+from embedq import db, metrics
 from embedq.documents import Space, vector_cast
 from embedq.errors import InvalidDocument
 
@@ -148,9 +148,11 @@ async def search(
                     )
                 finally:
                     await conn.execute("ROLLBACK")  # read only: nothing to commit
+        seconds = time.perf_counter() - started
         stats.searches += 1
-        stats.seconds.append(time.perf_counter() - started)
+        stats.seconds.append(seconds)
         del stats.seconds[:-1000]
+        metrics.SEARCH_SECONDS.labels(mode=mode).observe(seconds)
         return hits
     raise InvalidDocument("the collection's model changed three times during one search")
 

@@ -15,6 +15,7 @@ leased and, if the outage outlasts the lease, is reclaimed and run again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -34,7 +35,7 @@ from croniter import croniter
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from embedq import __version__, db, queries
+from embedq import __version__, db, logs, metrics, queries, tracing
 from embedq.app import App
 from embedq.errors import DatabaseError, EmbedqError, TaskTimeout, is_permanent
 from embedq.jobs import Job, JobSpec, JobStore
@@ -184,6 +185,7 @@ class Worker:
             },
         )
         self.id = int(row["id"])
+        logs.set_id("worker_id", self.id)  # inherited by the tasks started from here on
         log.info(
             "worker %s (%s) started: queues=%s concurrency=%d batch=%d",
             self.id,
@@ -332,21 +334,32 @@ class Worker:
     # --- one job -------------------------------------------------------------------------
 
     async def _execute(self, job: Job) -> None:
-        try:
-            await self._execute_inner(job)
-        finally:
-            if self._running.get(job.id) is asyncio.current_task():
-                del self._running[job.id]
-                del self._jobs[job.id]
-            self._slot_free.set()
-            if job.lock_key is not None or (self.exit_when_idle and not self._running):
-                self._wake.set()  # the next job with this lock key may now run
+        logs.set_id("job_id", job.id)  # this task runs this one job: its log lines say so
+        started = time.perf_counter()
+        outcome = "released"  # unless it gets further: a shutdown cancelled it
+        with tracing.span(
+            "embedq.job", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempts
+        ) as span:
+            try:
+                outcome = await self._execute_inner(job, span)
+            finally:
+                span.set_attribute("embedq.outcome", outcome)
+                # A task name is a label only when registered: producers can write any name.
+                task = job.task if job.task in self.app.tasks else metrics.UNKNOWN_TASK
+                metrics.observe_job(task, outcome, time.perf_counter() - started)
+                if self._running.get(job.id) is asyncio.current_task():
+                    del self._running[job.id]
+                    del self._jobs[job.id]
+                self._slot_free.set()
+                if job.lock_key is not None or (self.exit_when_idle and not self._running):
+                    self._wake.set()  # the next job with this lock key may now run
 
-    async def _execute_inner(self, job: Job) -> None:
+    async def _execute_inner(self, job: Job, span: tracing.Span) -> str:
+        """Run one job and record its failure; its outcome (see metrics.JOB_OUTCOMES)."""
         task = self.app.tasks.get(job.task)
         if task is None:
             known = ", ".join(sorted(self.app.tasks)) or "none"
-            await self._record_failure(
+            return await self._record_failure(
                 job,
                 f"task {job.task!r} is not registered in this worker (known: {known}). Fix the "
                 "task name, or start a worker with the app that defines it (--app), then "
@@ -354,16 +367,14 @@ class Worker:
                 "unknown_task",
                 permanent=True,
             )
-            return
         bad = task.check_args(job.args)
         if bad is not None:
-            await self._record_failure(
+            return await self._record_failure(
                 job,
                 f"arguments do not fit task {job.task!r}: {bad}",
                 "bad_arguments",
                 permanent=True,
             )
-            return
         timeout = job.timeout_s or task.timeout_s or self.app.settings.job_timeout_s
         context = JobContext(job=job, app=self.app, worker_id=self.id)
         try:
@@ -380,27 +391,30 @@ class Worker:
             if self._stopping.is_set():
                 raise  # shutdown: released, not failed
             log.info("job %s stopped: cancelled or reclaimed elsewhere", job.id)
-            return
+            return "cancelled"
         except Exception as exc:
+            tracing.failed(span, exc)
             permanent = is_permanent(exc)
             message = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, EmbedqError):
                 frames = traceback.format_exception(exc)
                 message = "".join(frames[-6:])[-4000:].strip()
-            await self._record_failure(
+            return await self._record_failure(
                 job, message, type(exc).__name__, permanent=permanent, exc=exc
             )
-            return
         self._done.append(_Done(job.id, _result_json(result), None))
         self._done_added.set()
+        return "succeeded"
 
     async def _record_failure(
         self, job: Job, error: str, kind: str, *, permanent: bool, exc: BaseException | None = None
-    ) -> None:
+    ) -> str:
+        """Retry the job later or dead-letter it; which of the two ("retried", "dead")."""
         task = self.app.tasks.get(job.task)
         delay = None  # dead-letter, unless a registered task's policy allows another attempt
         if not permanent and task is not None:
             delay = task.retry.next_delay(job.attempts, exc or RuntimeError(error))
+        outcome = "dead" if delay is None else "retried"
         self.failed += 1
         backoff = _Backoff()
         while True:
@@ -427,30 +441,49 @@ class Worker:
                         error.splitlines()[-1],
                     )
                 self._db_back()
-                return
+                return outcome
             except DatabaseError as exc_db:
                 self._db_lost(exc_db, "recording a failure")
                 if self._force:
-                    return  # the lease will expire and the job be reclaimed
+                    return outcome  # the lease will expire and the job be reclaimed
                 await asyncio.sleep(backoff.next())
 
     # --- a batch of jobs ------------------------------------------------------------------
 
     async def _execute_batch(self, task: Task, jobs: list[Job], queue: str) -> None:
-        try:
-            await self._execute_batch_inner(task, jobs)
-        finally:
-            me = asyncio.current_task()
-            for job in jobs:
-                if self._running.get(job.id) is me:
-                    del self._running[job.id]
-                    del self._jobs[job.id]
-                    self._batch_jobs.discard(job.id)
-            self._batches[queue] -= 1
-            self._slot_free.set()
-            self._wake.set()  # a batch slot is free: claim the next batch now
+        started = time.perf_counter()
+        outcomes: dict[int, str] = {}  # by job id; none: a shutdown released them all
+        with tracing.span("embedq.job_batch", task=task.name, queue=queue, jobs=len(jobs)) as span:
+            try:
+                outcomes = await self._execute_batch_inner(task, jobs, span)
+            finally:
+                seconds = time.perf_counter() - started
+                ends = [outcomes.get(job.id, "released") for job in jobs]
+                for end in ends:
+                    metrics.observe_job(task.name, end, seconds)
+                for end, n in collections.Counter(ends).items():
+                    span.set_attribute(f"embedq.{end}", n)  # embedq.succeeded=98...
+                self._let_go([job.id for job in jobs])
+                self._batches[queue] -= 1
+                self._slot_free.set()
+                self._wake.set()  # a batch slot is free: claim the next batch now
 
-    async def _execute_batch_inner(self, task: Task, runnable: list[Job]) -> None:
+    def _let_go(self, job_ids: list[int]) -> None:
+        """This batch execution is done with these jobs (their outcome is recorded, or will
+        be by the flush): they leave `_running`, so that one retried at once and claimed again
+        meanwhile does not look like a stale copy of this execution, to be cancelled while it
+        still records the others."""
+        me = asyncio.current_task()
+        for job_id in job_ids:
+            if self._running.get(job_id) is me:
+                del self._running[job_id]
+                del self._jobs[job_id]
+                self._batch_jobs.discard(job_id)
+
+    async def _execute_batch_inner(
+        self, task: Task, runnable: list[Job], span: tracing.Span
+    ) -> dict[int, str]:
+        """Run a batch execution and record what the task did not; each job's outcome."""
         # A batch task checks each job's arguments itself (reporting bad ones as failed).
         contexts = [JobContext(job=j, app=self.app, worker_id=self.id) for j in runnable]
         timeout = max((j.timeout_s or 0.0) for j in runnable) or task.timeout_s
@@ -468,29 +501,35 @@ class Worker:
             log.info(
                 "batch of %d %s jobs stopped: cancelled or reclaimed", len(runnable), task.name
             )
-            return
+            return dict.fromkeys((j.id for j in runnable), "cancelled")
         except Exception as raised:
             exc: Exception = raised
             if isinstance(raised, TimeoutError):
                 exc = TaskTimeout(f"batch task {task.name!r} ran past its timeout of {timeout:g} s")
+            tracing.failed(span, exc)
             message = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, EmbedqError):
                 message = "".join(traceback.format_exception(exc)[-6:])[-4000:].strip()
+            outcomes: dict[int, str] = {}
             for job in runnable:
-                await self._record_failure(
+                outcomes[job.id] = await self._record_failure(
                     job, message, type(exc).__name__, permanent=is_permanent(exc), exc=exc
                 )
-            return
+                self._let_go([job.id])
+            return outcomes
         self.processed += len(outcome.completed)
+        outcomes = dict.fromkeys(outcome.completed, "succeeded")
+        self._let_go(list(outcome.completed))
         by_id = {j.id: j for j in runnable}
         for job_id, failure in outcome.failed.items():
-            await self._record_failure(
+            outcomes[job_id] = await self._record_failure(
                 by_id[job_id],
                 f"{type(failure).__name__}: {failure}",
                 type(failure).__name__,
                 permanent=is_permanent(failure),
                 exc=failure,
             )
+            self._let_go([job_id])
         delays: dict[float, list[int]] = {}
         for job_id, delay in outcome.released.items():
             delays.setdefault(delay, []).append(job_id)
@@ -499,11 +538,15 @@ class Worker:
                 await self.store.release_later(self.id, ids, delay)
             except DatabaseError as exc_db:
                 self._db_lost(exc_db, "releasing jobs")  # their leases will expire
+            outcomes.update(dict.fromkeys(ids, "released"))
+            self._let_go(ids)
         handled = outcome.completed | outcome.failed.keys() | outcome.released.keys()
         rest = [j.id for j in runnable if j.id not in handled]
         if rest:
             self._done.extend(_Done(job_id, None, None) for job_id in rest)
             self._done_added.set()
+            outcomes.update(dict.fromkeys(rest, "succeeded"))
+        return outcomes
 
     # --- completions ---------------------------------------------------------------------
 

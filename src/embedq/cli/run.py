@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from embedq import metrics, tracing
 from embedq.app import App
 from embedq.cli.common import console, print_json, state, table
 from embedq.jobs import JobSpec
@@ -40,10 +41,20 @@ def worker(
     exit_when_idle: bool = typer.Option(
         False, "--exit-when-idle", help="Exit once no job is pending or running."
     ),
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        min=1,
+        max=65_535,
+        help="Serve this worker's Prometheus metrics at http://0.0.0.0:PORT/ (docs/metrics.md).",
+    ),
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (a second signal stops at once)."""
     extra = {"app": app_path, "worker_queues": queues}
     app = state(ctx).app(**{k: v for k, v in extra.items() if v is not None})
+    tracing.setup()  # exports spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    if metrics_port is not None:
+        metrics.serve_worker_metrics(metrics_port)
     w = Worker(
         app,
         concurrency=concurrency,

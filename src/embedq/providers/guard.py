@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedq import metrics, tracing
 from embedq.errors import (
     BadInput,
     CircuitOpen,
@@ -54,6 +55,7 @@ class Breaker:
     opened_at: float | None = None
     probing: bool = False
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    model: str = ""  # for the metric: one endpoint can serve several models, each its breaker
 
     def _now(self) -> float:
         return self.clock()
@@ -71,6 +73,11 @@ class Breaker:
             return 0.0
         return max(0.0, self.cooldown_s - (self._now() - self.opened_at))
 
+    def publish(self) -> None:
+        """Set the circuit-state metric (also refreshed at scrape time: open turns half-open
+        by the clock alone)."""
+        metrics.observe_circuit(self.endpoint, self.model, self.state)
+
     def before_call(self) -> None:
         """Raise CircuitOpen unless a call may go now (closed, or the one half-open probe)."""
         state = self.state
@@ -79,6 +86,7 @@ class Breaker:
         if state == "half-open" and not self.probing:
             self.probing = True
             log.info("circuit of %s half-open: sending one probe", self.endpoint)
+            self.publish()
             return
         raise CircuitOpen(
             f"circuit breaker for {self.endpoint} is open after {self.threshold} failures in "
@@ -89,7 +97,9 @@ class Breaker:
     def succeeded(self) -> None:
         if self.opened_at is not None:
             log.info("circuit of %s closed: the endpoint answers again", self.endpoint)
-        self.failures, self.opened_at, self.probing = 0, None, False
+            self.opened_at = None
+            self.publish()
+        self.failures, self.probing = 0, False
 
     def failed(self) -> None:
         self.failures += 1
@@ -103,6 +113,7 @@ class Breaker:
                 )
             self.opened_at = self._now()
             self.probing = False
+            self.publish()
 
 
 class TokenBucket:
@@ -142,14 +153,24 @@ class GuardedProvider:
         self.max_batch = first.max_batch
         self.max_batch_tokens = first.max_batch_tokens
         self.breakers = [
-            Breaker(p.endpoint, settings.breaker_failures, settings.breaker_cooldown_s)
+            Breaker(
+                p.endpoint,
+                settings.breaker_failures,
+                settings.breaker_cooldown_s,
+                model=config.model,
+            )
             for p in self.providers
         ]
+        for b in self.breakers:
+            b.publish()
         self.slots = asyncio.Semaphore(settings.provider_concurrency)
         self.rpm = TokenBucket(config.requests_per_minute) if config.requests_per_minute else None
         self.tpm = TokenBucket(config.tokens_per_minute) if config.tokens_per_minute else None
         self.calls = 0
         self.errors: dict[str, int] = {}
+        labels = {"provider": config.provider, "model": config.model}
+        self._seconds = metrics.PROVIDER_SECONDS.labels(**labels)
+        self._texts = metrics.PROVIDER_TEXTS.labels(**labels)
 
     @property
     def endpoint(self) -> str:
@@ -160,38 +181,54 @@ class GuardedProvider:
 
     async def embed(self, texts: list[str], tokens: int = 0) -> np.ndarray:
         """Embed through the first endpoint that can take the call."""
-        if self.rpm:
-            await self.rpm.take(1)
-        if self.tpm and tokens:
-            await self.tpm.take(tokens)
-        last: ProviderError | None = None
-        async with self.slots:
-            for provider, breaker in zip(self.providers, self.breakers, strict=True):
-                try:
-                    breaker.before_call()
-                except CircuitOpen as exc:
-                    last = _sooner(last, exc)
-                    continue
-                self.calls += 1
-                try:
-                    vectors = await provider.embed(texts)
-                except ProviderError as exc:
-                    self._count(exc)
-                    if isinstance(exc, _TRANSIENT_FOR_BREAKER):
-                        breaker.failed()
-                        last = exc
-                        continue  # the next endpoint serving this model, if any
-                    if isinstance(exc, BadInput):
-                        breaker.succeeded()  # the endpoint works; the input was bad
-                    raise
-                breaker.succeeded()
-                return vectors
-        assert last is not None
-        raise last
+        with tracing.span(
+            "embedq.provider.embed",
+            provider=self.config.provider,
+            model=self.config.model,
+            texts=len(texts),
+            tokens=tokens or None,
+        ) as sp:
+            if self.rpm:
+                await self.rpm.take(1)
+            if self.tpm and tokens:
+                await self.tpm.take(tokens)
+            last: ProviderError | None = None
+            async with self.slots:
+                for provider, breaker in zip(self.providers, self.breakers, strict=True):
+                    try:
+                        breaker.before_call()
+                    except CircuitOpen as exc:
+                        last = _sooner(last, exc)
+                        continue
+                    self.calls += 1
+                    sp.set_attribute("embedq.endpoint", metrics.endpoint_label(provider.endpoint))
+                    started = time.perf_counter()
+                    try:
+                        vectors = await provider.embed(texts)
+                    except ProviderError as exc:
+                        self._observe(started, len(texts))
+                        self._count(exc)
+                        if isinstance(exc, _TRANSIENT_FOR_BREAKER):
+                            breaker.failed()
+                            last = exc
+                            continue  # the next endpoint serving this model, if any
+                        if isinstance(exc, BadInput):
+                            breaker.succeeded()  # the endpoint works; the input was bad
+                        raise
+                    self._observe(started, len(texts))
+                    breaker.succeeded()
+                    return vectors
+            assert last is not None
+            raise last
+
+    def _observe(self, started: float, texts: int) -> None:
+        self._seconds.observe(time.perf_counter() - started)
+        self._texts.observe(texts)
 
     def _count(self, exc: BaseException) -> None:
         kind = type(exc).__name__
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        metrics.PROVIDER_ERRORS.labels(provider=self.config.provider, error=kind).inc()
 
     async def close(self) -> None:
         for p in self.providers:
@@ -223,6 +260,10 @@ class Endpoints:
         for g in self._by_config.values():
             out.update(g.circuits())
         return out
+
+    def breakers(self) -> list[Breaker]:
+        """Every breaker of this process's providers (one per model and endpoint)."""
+        return [b for g in self._by_config.values() for b in g.breakers]
 
     async def close(self) -> None:
         for g in self._by_config.values():
