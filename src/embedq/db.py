@@ -28,6 +28,7 @@ from embedq.errors import (
     DatabaseError,
     DatabaseUnavailable,
     EmbedqError,
+    InvalidInput,
     SchemaError,
 )
 from embedq.settings import Settings
@@ -95,6 +96,12 @@ def map_error(exc: BaseException, url: str | None = None) -> EmbedqError:
         return DatabaseError(
             f"{text} at {where}. Create it (createdb) or fix the database name in "
             "EMBEDQ_DATABASE_URL."
+        )
+    if isinstance(exc, psycopg.DataError):
+        # Class 22 (and psycopg's own NUL check): the value is at fault, not the database.
+        return InvalidInput(
+            f"a value was refused by PostgreSQL ({text}); text cannot contain NUL (\\u0000) "
+            "characters and numbers must fit their columns"
         )
     if isinstance(exc, pgerrors.TransactionRollback):
         return DatabaseConflict(

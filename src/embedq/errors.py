@@ -13,6 +13,7 @@
     │   ├── UnknownTask             no task of that name is registered
     │   ├── UnknownQueue            no queue of that name is known
     │   └── JobNotFound
+    ├── InvalidInput                a value PostgreSQL refuses (a NUL character, out of range)
     ├── TokenError                  an API token cannot be created or revoked as asked
     ├── PermanentError              raised by a task: dead-letter at once, never retry
     ├── TaskTimeout                 a task ran past its timeout (transient)
@@ -86,6 +87,10 @@ class UnknownQueue(JobError):
 
 class JobNotFound(JobError):
     """No job has that id (or it is not in a state the action applies to)."""
+
+
+class InvalidInput(EmbedqError):
+    """A value the database cannot store: a NUL character in text, a number out of range."""
 
 
 class TokenError(EmbedqError):

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 MODES = ("semantic", "keyword", "hybrid")
 RRF_K = 60
 MAX_K = 1000
+MAX_EF = 1000  # pgvector's upper bound of hnsw.ef_search
 _OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
 _COMPARE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
@@ -133,7 +134,7 @@ async def search(
                             "set_config('hnsw.iterative_scan', 'relaxed_order', true) AS scan "
                             "FROM {}.spaces s WHERE collection_id = %s AND state = 'active'"
                         ).format(sql.Identifier(app.settings.db_schema)),
-                        (str(max(app.settings.search_ef, k * 4)), collection.id),
+                        (str(min(MAX_EF, max(app.settings.search_ef, k * 4))), collection.id),
                     )
                     row = await cur.fetchone()
                     if row is None:

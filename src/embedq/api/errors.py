@@ -33,6 +33,7 @@ STATUS: list[tuple[type[e.EmbedqError], int, str]] = [
     (e.ModelMismatch, 409, "conflict"),
     (e.DatabaseConflict, 409, "conflict"),
     (e.TokenError, 422, "invalid"),
+    (e.InvalidInput, 422, "invalid"),
     (e.InvalidDocument, 422, "invalid"),
     (e.InvalidJob, 422, "invalid"),
     (e.UnknownTask, 422, "invalid"),
@@ -158,7 +159,7 @@ def install(api: FastAPI, on_database_down: Any = None) -> None:
         status, code = status_of(exc)
         if isinstance(exc, e.DatabaseUnavailable) and on_database_down is not None:
             on_database_down()
-        if status >= 500:
+        if status >= 500 and not isinstance(exc, e.DatabaseUnavailable):  # the gate logs those
             log.warning("%s %s: %s", request.method, request.url.path, exc,
                         extra={"request_id": request_id(request)})  # fmt: skip
         return envelope(request, status, code, str(exc), headers=_retry_after(exc))

@@ -72,7 +72,7 @@ class DatabaseGate:
                         autocommit=True,
                         **{**db.connection_kwargs(self.app.settings), "connect_timeout": 1},
                     )
-                await self._conn.execute("SELECT 1")
+                await _select_1(self._conn)
             return True
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self._drop_conn()
@@ -100,6 +100,22 @@ class DatabaseGate:
 
     async def close(self) -> None:
         await self._drop_conn()
+
+
+async def _select_1(conn: psycopg.AsyncConnection[Any]) -> None:
+    """`SELECT 1` that stops when it is cancelled. psycopg answers a cancelled query by asking
+    the server to stop it and waiting up to 10 s more, so a hung server would hold the gate
+    open that long; closing the connection first makes the cancellation immediate."""
+    query = asyncio.ensure_future(conn.execute("SELECT 1"))
+    try:
+        await asyncio.shield(query)
+    except asyncio.CancelledError:
+        await conn.close()
+        query.cancel()
+        await asyncio.wait({query}, timeout=1)
+        if query.done() and not query.cancelled():
+            query.exception()  # retrieved: it lost the race with the time-out
+        raise
 
 
 def _reason(exc: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedq import status
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/v1", tags=["queue"])
 JobState = Literal["pending", "running", "succeeded", "dead", "cancelled", "failed"]
 QUEUE = r"^[A-Za-z0-9_.:-]{1,100}$"
+JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The job's id.")]
 
 
 def _app(request: Request) -> App:
@@ -83,7 +84,7 @@ async def enqueue_job(request: Request, body: JobIn) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}", summary="One job with its events", dependencies=[require("read")])
-async def show_job(request: Request, job_id: int) -> dict[str, Any]:
+async def show_job(request: Request, job_id: JobId) -> dict[str, Any]:
     result: dict[str, Any] = status.plain(await _app(request).store.get(job_id))
     return result
 
@@ -94,7 +95,7 @@ async def show_job(request: Request, job_id: int) -> dict[str, Any]:
     dependencies=[require("admin")],
     responses={409: {"description": "The job is not dead or cancelled."}},
 )
-async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
+async def retry_job(request: Request, job_id: JobId) -> dict[str, Any]:
     store = _app(request).store
     retried = await store.retry([job_id])
     if not retried:
@@ -111,7 +112,7 @@ async def retry_job(request: Request, job_id: int) -> dict[str, Any]:
     dependencies=[require("admin")],
     responses={409: {"description": "The job has finished already."}},
 )
-async def cancel_job(request: Request, job_id: int) -> dict[str, Any]:
+async def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
     store = _app(request).store
     rows = await store.cancel([job_id], reason="cancelled through the API")
     if not rows:
