@@ -439,3 +439,30 @@ def test_setup_configures_otlp_export_only_when_asked_and_only_once() -> None:
         OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://127.0.0.1:9/v1/traces",
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
+
+
+async def test_api_requests_are_spans_and_latency_samples(
+    app: embedq.App, spans: InMemorySpanExporter
+) -> None:
+    from tests.api_helpers import client, token
+
+    secret = await token(app, "traced-reader", "read")
+    before = parse(await metrics.render(app))
+    async with client(app, secret) as c:
+        assert (
+            await c.get("/v1/jobs/12345", headers={"X-Request-ID": "span-1"})
+        ).status_code == 404
+    [span] = [
+        s
+        for s in named(spans, "http.request")
+        if dict(s.attributes or {})["embedq.request_id"] == "span-1"
+    ]
+    attrs = dict(span.attributes or {})
+    assert attrs["http.method"] == "GET"
+    assert attrs["http.route"] == "/v1/jobs/{job_id}"
+    assert attrs["http.status_code"] == 404
+    assert secret not in everything_said(span)
+    after = parse(await metrics.render(app))
+    labels = {"method": "GET", "route": "/v1/jobs/{job_id}", "status": "404"}
+    count = "embedq_http_request_duration_seconds_count"
+    assert get(after, count, **labels) == get(before, count, **labels) + 1

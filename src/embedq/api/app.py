@@ -213,7 +213,7 @@ class RequestContext:
             await send(message)
 
         with tracing.span("http.request", **{"http.method": method, "http.target": path,
-                                             "request_id": rid}):  # fmt: skip
+                                             "request_id": rid}) as span:  # fmt: skip
             try:
                 with logs.context(request_id=rid):
                     await self.app(scope, limited_receive, send_with_id)
@@ -223,21 +223,27 @@ class RequestContext:
                 status = 413
                 await _reply(send, 413, "too_large", too_large, rid)
             finally:
+                span.set_attribute("http.status_code", status)
+                span.set_attribute("http.route", _route(scope, path))
                 self._done(scope, method, path, status, started, rid)
 
     def _done(
         self, scope: Scope, method: str, path: str, status: int, started: float, rid: str
     ) -> None:
         seconds = time.perf_counter() - started
-        route = getattr(scope.get("route"), "path", None) or (
-            "/ui" if path.startswith("/ui") else "unmatched"
-        )
+        route = _route(scope, path)
         metrics.observe_request(method, route, status, seconds)
         if not path.startswith("/health"):
             access_log.info(
                 "%s %s %d %.1f ms", method, path, status, seconds * 1000,
                 extra={"request_id": rid},
             )  # fmt: skip
+
+
+def _route(scope: Scope, path: str) -> str:
+    """The route template ('/v1/jobs/{job_id}'): a bounded label, unlike the path."""
+    route = getattr(scope.get("route"), "path", None)
+    return str(route) if route else ("/ui" if path.startswith("/ui") else "unmatched")
 
 
 async def _reply(
