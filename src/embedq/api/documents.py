@@ -176,10 +176,18 @@ async def _written(
         states, timed_out = await _await_embedded(collection, versions, min(timeout, limit))
         info["timed_out"] = timed_out
     else:
-        rows = await collection.app.store.fetch_sql(
-            collection.q["document_states"], {"collection": collection.id, "keys": list(versions)}
-        )
-        states = {r["key"]: r for r in rows}
+        # A new version is pending at write time; only an unchanged one needs a look.
+        states = {
+            r.key: {"version": r.version, "status": "pending", "error": None}
+            for r in results
+            if r.change in ("created", "updated")
+        }
+        others = [k for k in versions if k not in states]
+        if others:
+            rows = await collection.app.store.fetch_sql(
+                collection.q["document_states"], {"collection": collection.id, "keys": others}
+            )
+            states.update({r["key"]: r for r in rows})
     return [_outcome(r, states.get(r.key)) for r in results], info
 
 
