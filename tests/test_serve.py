@@ -14,7 +14,9 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,15 +73,22 @@ def assert_clean_exit(server: ServeProc, rc: int) -> None:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
+def data_dir() -> Iterator[Path]:
     """A fresh data directory; an embedded PostgreSQL left running there (its last `serve`
-    was SIGKILLed by a failing test) is stopped at the end."""
-    data = tmp_path / "data"
-    yield data
-    pid_file = data / "pgdata" / "postmaster.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
+    was SIGKILLed by a failing test) is stopped at the end. Not under pytest's tmp_path: run
+    as root, the server runs as the `pgserver` user, and any pytest session resets
+    /tmp/pytest-of-root to mode 0700, which would lock it out of its own files."""
+    base = Path(tempfile.mkdtemp(prefix="embedq-serve-"))
+    base.chmod(0o755)
+    data = base / "data"
+    try:
+        yield data
+    finally:
+        pid_file = data / "pgdata" / "postmaster.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_first_start_prints_a_token_that_survives_a_restart(
