@@ -413,3 +413,16 @@ def test_json_logs_carry_request_ids_and_no_secrets(db_url: str, servers: Server
     [mine] = [r for r in access if r["request_id"] == "trace-me-1"]
     assert mine["message"].startswith("GET /v1/whoami 200")
     assert any(" 401 " in r["message"] for r in access)
+
+
+def test_a_port_in_use_is_a_one_line_error(db_url: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--port", str(port), env=cli_env(db_url), timeout=60)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr and "Traceback" not in done.stderr

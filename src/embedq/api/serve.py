@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable, Generator
 
 import uvicorn
@@ -44,6 +45,7 @@ async def serve(
     """Run until SIGTERM/SIGINT. `announce(url, first_token)` is called once the API listens
     (the token only when one was created now: it is shown that one time)."""
     tracing.setup()
+    listening = _bind(host, port)  # before anything starts: a taken port is a clean error
     # The API gets an App (and a pool) of its own with a short acquire time-out, so a busy
     # worker never makes a request wait, and a request fails fast while the database is down.
     api_app = App(**worker_app.overrides)
@@ -92,7 +94,7 @@ async def serve(
             runners = [
                 asyncio.create_task(w.run(), name=f"worker-{i}") for i, w in enumerate(engines)
             ]
-            serving = asyncio.create_task(server.serve(), name="api")
+            serving = asyncio.create_task(server.serve(sockets=[listening]), name="api")
             while not server.started and not serving.done():
                 await asyncio.sleep(0.05)
             if server.started:
@@ -118,6 +120,28 @@ async def serve(
         await api_app.close()
         if workers:
             await worker_app.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound here so that a port in use is a one-line error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another with --port "
+            "/ --host (EMBEDQ_API_PORT, EMBEDQ_API_HOST), or stop what uses it"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _display_host(host: str) -> str:
