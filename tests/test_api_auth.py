@@ -53,10 +53,21 @@ SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/v1/tokens"): "admin",
     ("POST", "/v1/tokens"): "admin",
     ("DELETE", "/v1/tokens/{name}"): "admin",
+    ("PUT", "/v1/collections/{name}/webhook"): "admin",
+    ("GET", "/v1/collections/{name}/webhook"): "admin",
+    ("DELETE", "/v1/collections/{name}/webhook"): "admin",
+    ("POST", "/v1/embeddings"): "read",
+    ("GET", "/v1/models"): "read",
+    ("GET", "/v1/models/{model:path}"): "read",
 }
 OPEN = {"/health/live", "/health/ready"}
 NOT_API = {"/openapi.json", "/", "/ui"}  # the schema, and redirects to the dashboard
-PARAMS = {"{name}": "nope", "{key:path}": "some/made-up.md", "{job_id}": "999999"}
+PARAMS = {
+    "{name}": "nope",
+    "{key:path}": "some/made-up.md",
+    "{job_id}": "999999",
+    "{model:path}": "no/such-model",
+}
 
 
 def flatten(routes: list[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -25,7 +25,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from embedq import db, migrations, pipeline, stored_settings
+from embedq import db, migrations, pipeline, stored_settings, webhooks
 from embedq.errors import ConfigurationError, InvalidJob, PermanentError, UnknownTask
 from embedq.jobs import Enqueued, JobSpec, JobStore, _results, coalesce_batch, enqueue_params
 from embedq.pipeline import PipelineStats
@@ -61,6 +61,7 @@ class App:
         self.pipeline_stats = PipelineStats()
         _register_builtins(self)
         pipeline.register(self)
+        webhooks.register(self)
 
     # --- tasks ---------------------------------------------------------------------------
 

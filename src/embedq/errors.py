@@ -15,6 +15,8 @@
     │   └── JobNotFound
     ├── InvalidInput                a value PostgreSQL refuses (a NUL character, out of range)
     ├── TokenError                  an API token cannot be created or revoked as asked
+    ├── WebhookError                a webhook delivery failed: retried with backoff
+    │   └── WebhookRejected         the receiver refused it for good (a 4xx): dead at once
     ├── PermanentError              raised by a task: dead-letter at once, never retry
     ├── TaskTimeout                 a task ran past its timeout (transient)
     ├── CollectionError             a collection or document cannot be used as asked
@@ -22,7 +24,8 @@
     │   ├── CollectionExists
     │   ├── DocumentNotFound
     │   ├── InvalidDocument         bad key, text, metadata or filter
-    │   └── ModelMismatch           a model change that must be a model switch
+    │   ├── ModelMismatch           a model change that must be a model switch
+    │   └── InvalidWatch            a table watch cannot be created or used as asked
     └── ProviderError               an embedding provider failed
         ├── TransientProviderError  (RateLimited, ProviderTimeout, ProviderUnavailable,
         │                            CircuitOpen)
@@ -101,6 +104,19 @@ class PermanentError(EmbedqError):
     """Raised by a task to dead-letter its job at once: retrying cannot help."""
 
 
+class WebhookError(EmbedqError):
+    """A webhook delivery failed in a way that may pass (5xx, 408, 429, time-out, refused
+    connection); `retry_after` holds the receiver's Retry-After in seconds, if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class WebhookRejected(WebhookError, PermanentError):
+    """The receiver refused a delivery for good (a 4xx other than 408 and 429, a redirect)."""
+
+
 class TaskTimeout(EmbedqError):
     """A task ran longer than its timeout; retried like any transient failure."""
 
@@ -127,6 +143,11 @@ class InvalidDocument(CollectionError):
 
 class ModelMismatch(CollectionError):
     """A different model was asked of a collection outside a model switch."""
+
+
+class InvalidWatch(CollectionError):
+    """A table watch cannot be created or used as asked (unknown table or column, a key
+    column that is not unique, a collection already watched)."""
 
 
 class ProviderError(EmbedqError):

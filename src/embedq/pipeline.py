@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psycopg.rows import dict_row
 
-from embedq import db, metrics, queries, tracing
+from embedq import db, metrics, queries, tracing, webhooks
 from embedq.chunking import Chunk, chunk_text, tokenizer_for
 from embedq.documents import EMBED_QUEUE, EMBED_TASK, Space, drop_index
 from embedq.errors import (
@@ -386,14 +386,18 @@ async def _mark_failed(
     app.pipeline_stats.failed_documents += len(final)
     metrics.FAILED_DOCUMENTS.inc(len(final))
     q = queries.load("documents.sql", app.settings.db_schema)
-    await app.store.fetch_sql(
-        q["mark_failed"],
-        {
-            "ids": [wanted[j.id][0] for j in final],
-            "versions": [wanted[j.id][1] for j in final],
-            "errors": [f"{type(e).__name__}: {e}" for e in (outcome.failed[j.id] for j in final)],
-        },
-    )
+    ids = [wanted[j.id][0] for j in final]
+    versions = [wanted[j.id][1] for j in final]
+    errors = [f"{type(e).__name__}: {e}" for e in (outcome.failed[j.id] for j in final)]
+    pool = app.store.pool
+    assert pool is not None
+    with db.translated():
+        async with pool.connection() as conn, conn.transaction():
+            # webhook calls commit with the status they report; before it is set (see there)
+            await webhooks.enqueue_events(app, conn, "failed", ids, versions, errors)
+            await app.store.fetch_sql(
+                q["mark_failed"], {"ids": ids, "versions": versions, "errors": errors}, conn=conn
+            )
 
 
 async def _swap(
@@ -452,6 +456,10 @@ async def _swap(
                 await _store_cache(cur, q, {i.space.id: i.space for i in swap}, fresh)
             done_docs = [d for d, j in owner.items() if j in owned and j not in late]
             if done_docs:
+                # webhook calls commit with the status they report; before it is set (see there)
+                await webhooks.enqueue_events(
+                    app, conn, "embedded", done_docs, [current.get(d) for d in done_docs]
+                )
                 await cur.execute(
                     q["mark_done"],
                     {

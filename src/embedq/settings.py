@@ -285,6 +285,21 @@ class Settings(BaseSettings):
         "higher finds more of the true nearest chunks, slower.",
     )
 
+    # --- webhooks ----------------------------------------------------------------------
+    webhook_max_attempts: int = Field(
+        default=15,
+        ge=1,
+        le=1000,
+        description="Attempts of a webhook delivery before it is dead; with the default "
+        "retry delays, 15 ride out a receiver that is down for about half an hour to an hour.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Time limit of one webhook delivery (connect, send, answer).",
+    )
+
     # --- service limits ----------------------------------------------------------------
     serve_workers: int = Field(
         default=1,

@@ -1,4 +1,5 @@
-"""The FastAPI application: routes under /v1, health, metrics, the dashboard at /ui.
+"""The FastAPI application: routes under /v1, health, metrics, the dashboard at /ui, the MCP
+endpoint at /mcp (mcp_server.py).
 
     api = create_app(embedq.App())      # an ASGI app; `embedq serve` runs it with uvicorn
 
@@ -23,15 +24,17 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import embedq
 from embedq import logs, metrics, tokens, tracing
-from embedq.api import admin, documents, errors, health, jobs
+from embedq.api import admin, documents, embeddings, errors, health, jobs, webhooks
 from embedq.api.auth import NO_TOKEN, Auth, require
 from embedq.api.errors import ApiError
 from embedq.api.health import DatabaseGate
 from embedq.app import App
+from embedq.mcp_server import HttpEndpoint
 
 log = logging.getLogger("embedq.api")
 access_log = logging.getLogger("embedq.api.access")
@@ -57,6 +60,7 @@ def create_app(app: App | None = None, *, manage: bool = True) -> FastAPI:
     """The ASGI application of `app`. With `manage` (the default) its lifespan opens and
     closes the App; without, the caller has opened it."""
     service = Service(app or App())
+    mcp = HttpEndpoint(service.app)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -65,7 +69,8 @@ def create_app(app: App | None = None, *, manage: bool = True) -> FastAPI:
             await service.app.open(pool_size=API_POOL_SIZE, acquire_timeout_s=ACQUIRE_TIMEOUT_S)
         probe = asyncio.create_task(service.gate.run(), name="embedq-db-gate")
         try:
-            yield
+            async with mcp.running():
+                yield
         finally:
             probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -92,6 +97,10 @@ def create_app(app: App | None = None, *, manage: bool = True) -> FastAPI:
     api.include_router(documents.router)
     api.include_router(jobs.router)
     api.include_router(admin.router)
+    api.include_router(webhooks.router)
+    api.include_router(embeddings.router)
+    # MCP over streamable HTTP, for tokens with the read scope (checked by the endpoint).
+    api.router.routes.append(Route("/mcp", mcp, include_in_schema=False))
 
     @api.get(
         "/metrics",
@@ -159,7 +168,7 @@ class RequestContext:
 
         if (
             settings.api_auth
-            and (path.startswith("/v1/") or path == "/metrics")
+            and (path.startswith("/v1/") or path in ("/metrics", "/mcp"))
             and not headers.get("authorization", "").lower().startswith("bearer ")
         ):
             # Before the body is read: a request without a token is a 401 whatever it sends.

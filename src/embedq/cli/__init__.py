@@ -1,5 +1,6 @@
 """The `embedq` command line: `serve`, `health`, `token`, `worker`, `db`, `settings`, `queue`,
-`demo`, `collection`, `doc`, `search`, `ingest`, `provider`.
+`demo`, `collection`, `doc`, `search`, `ingest`, `provider`, `mcp`, `webhook`, `watch`,
+`backfill`.
 
 Every command takes `--json` where it prints data, and every error is one line naming the
 problem and the fix, with a non-zero exit; never a traceback.
@@ -11,7 +12,7 @@ import sys
 
 import typer
 
-from embedq.cli import admin, collection, queue, run, search, service
+from embedq.cli import admin, collection, mcp, queue, run, search, service, watch, webhook
 from embedq.cli.common import State, console_err, setup_logging
 from embedq.errors import EmbedqError
 
@@ -35,6 +36,10 @@ app.add_typer(collection.doc_app, name="doc")
 app.add_typer(search.provider_app, name="provider")
 app.command("search")(search.search)
 app.command("ingest")(search.ingest)
+app.command("mcp")(mcp.mcp)
+app.add_typer(webhook.webhook_app, name="webhook")
+app.add_typer(watch.watch_app, name="watch")
+app.add_typer(watch.backfill_app, name="backfill")
 
 
 @app.callback()
