@@ -21,6 +21,7 @@ demo: install           ## migrate, run demo jobs, embed and search the bundled 
 
 test: install           ## the default suite (what CI runs)
 	@sh scripts/ensure_chromium.sh  # the dashboard's browser test needs Debian's chromium
+	@sh scripts/ensure_compose.sh  # tests/test_deployment.py runs `docker compose config`
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: install      ## opt-in soak and chaos tests
