@@ -365,11 +365,15 @@ class Collections:
         return space_id
 
     async def list(self) -> list[Collection]:
-        rows = await self.app.store.fetch_sql(self.q["collections"], {"name": None})
+        rows = await self.app.store.fetch_sql(self.q["collections"], {"name": None, "counts": True})
         return [Collection.from_row(self.app, r) for r in rows]
 
-    async def get(self, name: str) -> Collection:
-        rows = await self.app.store.fetch_sql(self.q["collections"], {"name": name})
+    async def get(self, name: str, *, counts: bool = True) -> Collection:
+        """The collection `name`; `counts=False` skips counting its documents by status
+        (a scan of them all), for callers that only write or search."""
+        rows = await self.app.store.fetch_sql(
+            self.q["collections"], {"name": name, "counts": counts}
+        )
         if not rows:
             known = ", ".join(c.name for c in await self.list()) or "none yet"
             raise CollectionNotFound(

@@ -168,7 +168,7 @@ def build_server(app: App) -> MCPServer[Any]:
         """Search a collection and return its best documents, each with the passage that
         matched. Documents whose embedding is still pending are found by keyword."""
         with _tool_errors():
-            col = await app.collections.get(collection)
+            col = await app.collections.get(collection, counts=False)
             hits = await col.search(query, mode=mode, k=k, filters=filters)
         return SearchResult(
             collection=col.name, query=query, mode=mode, hits=[_hit(h) for h in hits]
@@ -178,7 +178,7 @@ def build_server(app: App) -> MCPServer[Any]:
     async def get_document(collection: CollectionName, key: Key) -> DocumentView:
         """Read one document whole: its text, title, metadata and embedding status."""
         with _tool_errors():
-            col = await app.collections.get(collection)
+            col = await app.collections.get(collection, counts=False)
             doc = await col.get(key)
         return _document(col, doc)
 

@@ -119,8 +119,8 @@ def _service(request: Request) -> Service:
     return service
 
 
-async def _collection(request: Request, name: str) -> Collection:
-    return await _service(request).app.collections.get(name)
+async def _collection(request: Request, name: str, *, counts: bool = False) -> Collection:
+    return await _service(request).app.collections.get(name, counts=counts)
 
 
 async def _await_embedded(
@@ -232,7 +232,7 @@ async def create_collection(
 
 @router.get("/collections/{name}", summary="Show a collection", dependencies=[require("read")])
 async def show_collection(request: Request, name: str) -> dict[str, Any]:
-    col = await _collection(request, name)
+    col = await _collection(request, name, counts=True)
     out = col.to_json()
     done, total = await col.progress()
     out["progress"] = {"current": done, "documents": total}

@@ -16,19 +16,21 @@ VALUES (%(collection)s, %(state)s, %(provider)s, %(model)s, %(model_key)s, %(dim
 RETURNING id;
 
 -- name: collections
--- Every collection (or one by name) with its live spaces and document counts.
+-- Every collection (or one by name) with its live spaces and (when asked: it reads every
+-- document of the collection) its document counts.
 SELECT c.id, c.name, c.distance, c.chunk_size, c.chunk_overlap, c.title_prefix,
        c.language::text AS language, c.created_at,
        (SELECT to_jsonb(s) FROM {schema}.spaces s
         WHERE s.collection_id = c.id AND s.state = 'active') AS active,
        (SELECT to_jsonb(s) FROM {schema}.spaces s
         WHERE s.collection_id = c.id AND s.state = 'building') AS building,
+       CASE WHEN %(counts)s THEN
        (SELECT jsonb_build_object(
             'documents', count(*),
             'pending', count(*) FILTER (WHERE d.status = 'pending'),
             'embedded', count(*) FILTER (WHERE d.status = 'embedded'),
             'failed', count(*) FILTER (WHERE d.status = 'failed'))
-        FROM {schema}.documents d WHERE d.collection_id = c.id) AS counts
+        FROM {schema}.documents d WHERE d.collection_id = c.id) END AS counts
 FROM {schema}.collections c
 WHERE %(name)s::text IS NULL OR c.name = %(name)s
 ORDER BY c.name;
