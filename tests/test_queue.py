@@ -228,6 +228,35 @@ async def test_expired_lease_is_reclaimed_and_counted(app: embedq.App) -> None:
     assert await count(app, "jobs_archive", "state = 'succeeded'") == 1
 
 
+async def test_a_running_job_going_back_gives_up_a_dedup_key_held_by_a_pending_one(
+    app: embedq.App,
+) -> None:
+    """Found by the many-hosts test: a document rewritten while its embed job runs has a
+    newer pending job with the same dedup key; the running one going back to pending (lease
+    expired, retry, release) must not violate invariant 4, nor fail the whole statement."""
+    wid = await register_worker(app)
+    for requeue in ("reclaim", "retry_later", "release", "release_later"):
+        await sql(app, "DELETE FROM embedq.jobs")
+        await app.enqueue([JobSpec("embedq.echo", {"v": 1}, dedup_key="doc:1")])
+        [old] = await app.store.claim(wid, 1)
+        [new] = await app.enqueue([JobSpec("embedq.echo", {"v": 2}, dedup_key="doc:1")])
+        assert new.id != old.id  # a running job does not hold its key against a new one
+        if requeue == "reclaim":
+            await sql(app, "UPDATE embedq.jobs SET lease_expires_at = now() - interval '1 s'")
+            assert await app.store.reclaim_expired() == {"requeued": 1, "dead": 0}
+        elif requeue == "retry_later":
+            assert await app.store.retry_later(wid, old.id, 0.0, "boom", "RuntimeError")
+        elif requeue == "release":
+            assert await app.store.release(wid, [old.id]) == [old.id]
+        else:
+            assert await app.store.release_later(wid, [old.id], 0.0) == [old.id]
+        rows = await sql(app, "SELECT id, state, dedup_key FROM embedq.jobs ORDER BY id")
+        assert [(r["id"], r["state"], r["dedup_key"]) for r in rows] == [
+            (old.id, "pending", None),
+            (new.id, "pending", "doc:1"),
+        ], requeue
+
+
 async def test_expired_lease_on_the_last_attempt_dead_letters(app: embedq.App) -> None:
     await app.enqueue([JobSpec("embedq.echo", max_attempts=1)])
     wid = await register_worker(app)

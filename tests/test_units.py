@@ -220,6 +220,17 @@ class TestErrorMapping:
         assert isinstance(err, DatabaseAuthFailed)
         assert "EMBEDQ_DATABASE_URL" in str(err)
 
+    def test_deadlocks_and_serialization_failures_are_conflicts_not_outages(self) -> None:
+        from psycopg import errors as pgerrors
+
+        from embedq.errors import DatabaseConflict, InvalidInput
+
+        for cls in (pgerrors.DeadlockDetected, pgerrors.SerializationFailure):
+            err = map_error(cls("deadlock detected"))
+            assert isinstance(err, DatabaseConflict), cls
+            assert "Retry" in str(err)
+        assert isinstance(map_error(pgerrors.UntranslatableCharacter("\\u0000")), InvalidInput)
+
     def test_describe_target_hides_passwords(self) -> None:
         assert (
             describe_target("postgresql://me:pw@db.internal:5432/app") == "me@db.internal:5432/app"

@@ -67,7 +67,10 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
         "keepalives_interval": 2,
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
-        "options": f"-c statement_timeout={int(settings.statement_timeout_s * 1000)}",
+        # A client cut off in the middle of a transaction leaves it open on the server,
+        # holding its row locks (jobs, documents) until the server notices: end it.
+        "options": f"-c statement_timeout={int(settings.statement_timeout_s * 1000)} "
+        "-c idle_in_transaction_session_timeout=10000",
         "application_name": "embedq",
     }
 
@@ -103,7 +106,11 @@ def map_error(exc: BaseException, url: str | None = None) -> EmbedqError:
             f"a value was refused by PostgreSQL ({text}); text cannot contain NUL (\\u0000) "
             "characters and numbers must fit their columns"
         )
-    if isinstance(exc, pgerrors.TransactionRollback):
+    # Class 40 (deadlock, serialization failure): psycopg makes these OperationalErrors, so
+    # the SQLSTATE decides, before the "unreachable" branch below.
+    if isinstance(exc, pgerrors.TransactionRollback) or str(
+        getattr(exc, "sqlstate", None) or ""
+    ).startswith("40"):
         return DatabaseConflict(
             f"a concurrent transaction conflicted at {where} ({text}); nothing was written. "
             "Retry the operation."

@@ -93,7 +93,11 @@ WITH back AS (
     UPDATE {schema}.jobs j
     SET state = 'pending', run_at = now() + make_interval(secs => %(delay_s)s),
         worker_id = NULL, lease_expires_at = NULL, last_error = %(error)s,
-        error_kind = %(kind)s
+        error_kind = %(kind)s,
+        -- invariant 4: a pending job may already hold the key (a newer write); this one
+        -- gives its key up rather than its place
+        dedup_key = CASE WHEN EXISTS (SELECT 1 FROM {schema}.jobs p WHERE p.dedup_key = j.dedup_key AND p.state = 'pending') THEN NULL
+                         ELSE j.dedup_key END
     WHERE j.id = %(id)s AND j.state = 'running' AND j.worker_id = %(worker)s
     RETURNING j.id, j.attempts, j.run_at
 ), events AS (
@@ -129,11 +133,21 @@ SELECT id FROM done;
 
 -- name: release
 -- A worker shutting down hands back jobs it will not finish; the attempt is not counted.
-WITH back AS (
+WITH mine AS (
+    -- invariant 4: a job going back to pending gives up its dedup key where a pending job
+    -- (or a newer job of this batch) holds it, rather than its place
+    SELECT id, dedup_key IS NOT NULL AND (
+               row_number() OVER (PARTITION BY dedup_key ORDER BY id DESC) > 1
+               OR EXISTS (SELECT 1 FROM {schema}.jobs p WHERE p.dedup_key = m.dedup_key AND p.state = 'pending')) AS drop_key
+    FROM {schema}.jobs m
+    WHERE m.id = ANY(%(ids)s) AND m.state = 'running' AND m.worker_id = %(worker)s
+), back AS (
     UPDATE {schema}.jobs j
     SET state = 'pending', attempts = GREATEST(j.attempts - 1, 0), worker_id = NULL,
-        lease_expires_at = NULL, run_at = now()
-    WHERE j.id = ANY(%(ids)s) AND j.state = 'running' AND j.worker_id = %(worker)s
+        lease_expires_at = NULL, run_at = now(),
+        dedup_key = CASE WHEN m.drop_key THEN NULL ELSE j.dedup_key END
+    FROM mine m
+    WHERE j.id = m.id AND j.state = 'running' AND j.worker_id = %(worker)s
     RETURNING j.id, j.queue
 ), notified AS (
     SELECT pg_notify({channel}, queue) FROM (SELECT DISTINCT queue FROM back) q
@@ -143,10 +157,21 @@ SELECT id FROM back, (SELECT count(*) FROM notified) n;
 -- name: release_later
 -- A batch task gives back jobs it cannot run now (a provider's circuit is open): back to
 -- pending after a delay, the attempt not counted, no error recorded.
+WITH mine AS (
+    -- invariant 4: a job going back to pending gives up its dedup key where a pending job
+    -- (or a newer job of this batch) holds it, rather than its place
+    SELECT id, dedup_key IS NOT NULL AND (
+               row_number() OVER (PARTITION BY dedup_key ORDER BY id DESC) > 1
+               OR EXISTS (SELECT 1 FROM {schema}.jobs p WHERE p.dedup_key = m.dedup_key AND p.state = 'pending')) AS drop_key
+    FROM {schema}.jobs m
+    WHERE m.id = ANY(%(ids)s) AND m.state = 'running' AND m.worker_id = %(worker)s
+)
 UPDATE {schema}.jobs j
 SET state = 'pending', attempts = GREATEST(j.attempts - 1, 0), worker_id = NULL,
-    lease_expires_at = NULL, run_at = now() + make_interval(secs => %(delay_s)s)
-WHERE j.id = ANY(%(ids)s) AND j.state = 'running' AND j.worker_id = %(worker)s
+    lease_expires_at = NULL, run_at = now() + make_interval(secs => %(delay_s)s),
+    dedup_key = CASE WHEN m.drop_key THEN NULL ELSE j.dedup_key END
+FROM mine m
+WHERE j.id = m.id AND j.state = 'running' AND j.worker_id = %(worker)s
 RETURNING j.id;
 
 -- name: heartbeat
@@ -167,16 +192,24 @@ SELECT id FROM renewed;
 -- Jobs whose lease ran out (their worker crashed or froze) go back to pending, the attempt
 -- counted; on their last attempt they are dead-lettered instead.
 WITH expired AS (
-    SELECT id, worker_id AS old_worker FROM {schema}.jobs
+    SELECT id, worker_id AS old_worker, dedup_key FROM {schema}.jobs
     WHERE state = 'running' AND lease_expires_at < now() AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
     FOR UPDATE SKIP LOCKED
+), keyed AS (
+    -- invariant 4: a requeued job gives up its dedup key where a pending job (or a newer
+    -- expired one) holds it, rather than its place
+    SELECT e.id, e.old_worker, e.dedup_key IS NOT NULL AND (
+               row_number() OVER (PARTITION BY e.dedup_key ORDER BY e.id DESC) > 1
+               OR EXISTS (SELECT 1 FROM {schema}.jobs p WHERE p.dedup_key = e.dedup_key AND p.state = 'pending')) AS drop_key
+    FROM expired e
 ), requeued AS (
     UPDATE {schema}.jobs j
     SET state = 'pending', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
+        dedup_key = CASE WHEN e.drop_key THEN NULL ELSE j.dedup_key END,
         last_error = 'lease expired: worker ' || coalesce(e.old_worker::text, '?')
                      || ' stopped heartbeating (crashed, killed or frozen)',
         error_kind = 'lease_expired'
-    FROM expired e WHERE j.id = e.id AND j.attempts < j.max_attempts
+    FROM keyed e WHERE j.id = e.id AND j.attempts < j.max_attempts
     RETURNING j.id, j.queue, j.attempts, e.old_worker
 ), buried AS (
     DELETE FROM {schema}.jobs j USING expired e
