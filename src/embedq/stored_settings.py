@@ -24,12 +24,17 @@ def generate_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def _fernet(settings: Settings) -> Fernet:
+def fernet(
+    settings: Settings,
+    what: str = "secret settings",
+    where: str = "everywhere embedq runs, and try again",
+) -> Fernet:
+    """The cipher of secrets kept in the database (settings, webhook secrets): keyed by
+    EMBEDQ_SECRET_KEY, which never is, so a dump alone reveals nothing."""
     if settings.secret_key is None:
         raise ConfigurationError(
-            "secret settings are stored encrypted and EMBEDQ_SECRET_KEY is not set. Generate a "
-            "key with `embedq settings gen-key`, set EMBEDQ_SECRET_KEY to it everywhere embedq "
-            "runs, and try again."
+            f"{what} are stored encrypted and EMBEDQ_SECRET_KEY is not set. Generate a key "
+            f"with `embedq settings gen-key` and set EMBEDQ_SECRET_KEY to it {where}."
         )
     try:
         return Fernet(settings.secret_key.get_secret_value().encode())
@@ -74,7 +79,7 @@ async def load(store: JobStore, settings: Settings) -> dict[str, Any]:
         value = row["value"]
         if row["encrypted"]:
             try:
-                value = _fernet(settings).decrypt(str(value).encode()).decode()
+                value = fernet(settings).decrypt(str(value).encode()).decode()
             except InvalidToken:
                 raise ConfigurationError(
                     f"stored secret {row['name']!r} cannot be decrypted with this "
@@ -89,7 +94,7 @@ async def set_value(store: JobStore, settings: Settings, name: str, raw: str) ->
     value = parse_value(name, raw)
     encrypted = is_secret(name)
     if encrypted:
-        value = _fernet(settings).encrypt(str(value).encode()).decode()
+        value = fernet(settings).encrypt(str(value).encode()).decode()
     await store.fetch(
         "settings_set", {"name": name, "value": json.dumps(value), "encrypted": encrypted}
     )

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
 
-from embedq import queries
+from embedq import queries, stored_settings
 from embedq.errors import ConfigurationError, WebhookError, WebhookRejected
 from embedq.retry import RetryPolicy
 
@@ -181,19 +181,12 @@ def new_secret() -> str:
 
 
 def _fernet(settings: Settings) -> Fernet:
-    if settings.secret_key is None:
-        raise ConfigurationError(
-            "webhook secrets are stored encrypted and EMBEDQ_SECRET_KEY is not set. Generate a "
-            "key with `embedq settings gen-key` and set EMBEDQ_SECRET_KEY to it wherever "
-            "embedq runs (where webhooks are set, and on the workers that sign deliveries)."
-        )
-    try:
-        return Fernet(settings.secret_key.get_secret_value().encode())
-    except ValueError:
-        raise ConfigurationError(
-            "EMBEDQ_SECRET_KEY is not a valid Fernet key (32 url-safe base64-encoded bytes). "
-            "Generate one with `embedq settings gen-key`."
-        ) from None
+    return stored_settings.fernet(
+        settings,
+        what="webhook secrets",
+        where="wherever embedq runs (where webhooks are set, and on the workers that sign "
+        "deliveries)",
+    )
 
 
 class Webhooks:
