@@ -18,37 +18,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 from tests.tcp_proxy import free_port
+from tests.test_chaos import wait_for
 
-T = TypeVar("T")
 TOKEN = re.compile(r"\beq_[A-Za-z0-9_-]{32,200}\b")
-
-
-def wait_for(
-    check: Callable[[], T],
-    timeout: float,
-    what: str,
-    diagnostics: Callable[[], str] = lambda: "",
-    every: float = 0.1,
-) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:g} s waiting for {what}\n{diagnostics()}"
-            )
-        time.sleep(every)
 
 
 @dataclass

@@ -166,8 +166,11 @@ async def readiness(service: Service) -> dict[str, Any]:
         add("database", False, f"unreachable: {service.gate.reason}")
     else:
         try:
-            async with db.connect(app.settings) as conn:
-                await migrations.check_current(conn, app.settings.db_schema)
+            pool = app.store.pool
+            assert pool is not None
+            with db.translated():  # a pooled connection: a probe every few seconds forks none
+                async with pool.connection() as conn:
+                    await migrations.check_current(conn, app.settings.db_schema)
             overview = await status.overview(app)
         except EmbedqError as exc:
             add("database", False, str(exc))
