@@ -29,6 +29,7 @@ SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/v1/collections"): "read",
     ("POST", "/v1/collections"): "admin",
     ("GET", "/v1/collections/{name}"): "read",
+    ("PATCH", "/v1/collections/{name}"): "admin",
     ("DELETE", "/v1/collections/{name}"): "admin",
     ("GET", "/v1/collections/{name}/documents"): "read",
     ("POST", "/v1/collections/{name}/documents"): "write",

@@ -194,7 +194,7 @@ class TestJsonl:
         assert all(s.path == str(path) for s in skipped)
         reasons = [s.reason for s in skipped]
         assert reasons[0].startswith("line 3: invalid JSON")
-        assert reasons[1] == 'line 4: "key" is missing or not a non-empty string'
+        assert reasons[1] == 'line 4: "key" (or BEIR\'s "_id") is missing or not a non-empty string'
         assert reasons[2] == 'line 6: "metadata" must be a JSON object'
         assert reasons[3] == "line 7: expected a JSON object, got list"
         assert reasons[4].startswith("line 8: duplicate key 'k1' (first on line 1)")

@@ -31,6 +31,7 @@ from embedq.jobs import Enqueued, JobSpec, JobStore, _results, coalesce_batch, e
 from embedq.pipeline import PipelineStats
 from embedq.providers.guard import Endpoints
 from embedq.retry import RetryPolicy
+from embedq.search import QueryVectors
 from embedq.settings import Settings
 from embedq.tasks import KeyTemplate, Task
 
@@ -59,6 +60,7 @@ class App:
         self._sync_lock = threading.Lock()
         self._endpoints: Endpoints | None = None
         self.pipeline_stats = PipelineStats()
+        self.query_vectors = QueryVectors()  # recent queries' vectors, for this App's life
         _register_builtins(self)
         pipeline.register(self)
         webhooks.register(self)

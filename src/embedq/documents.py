@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from embedq import db, queries
+from embedq import bm25, db, queries
 from embedq.errors import (
     CollectionExists,
     CollectionNotFound,
@@ -36,11 +36,13 @@ from embedq.errors import (
     InvalidDocument,
     ModelMismatch,
 )
+from embedq.fusion import FusionOptions
 from embedq.jobs import JobSpec
 from embedq.providers import DEFAULT_MODELS, ProviderConfig
 
 if TYPE_CHECKING:
     from embedq.app import App
+    from embedq.evaluate import EvalReport, Judged
     from embedq.search import SearchHit
 
 EMBED_TASK = "embedq.embed"
@@ -242,8 +244,15 @@ class Collections:
         fallback_urls: Sequence[str] = (),
         options: Mapping[str, Any] | None = None,
         exist_ok: bool = False,
+        bm25_k1: float | None = None,
+        bm25_b: float | None = None,
+        fusion: str | None = None,
+        alpha: float | None = None,
+        rrf_k: int | None = None,
     ) -> Collection:
-        """Create a collection; its vector length is probed from the provider if not given."""
+        """Create a collection; its vector length is probed from the provider if not given.
+        `bm25_k1`/`bm25_b` tune keyword search, `fusion`/`alpha`/`rrf_k` hybrid search's
+        default (docs/search.md)."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidDocument(
                 f"collection name {name!r} is invalid: 1-63 letters, digits, '_', '.', '-', "
@@ -255,6 +264,8 @@ class Collections:
         config = provider_config(
             s, provider, model, dimensions, base_url, fallback_urls, options or {}
         )
+        k1, b = check_bm25(bm25_k1, bm25_b)
+        fused = FusionOptions().replace(fusion, alpha, rrf_k)
         size = chunk_size or default_chunk_size(config)
         overlap = chunk_overlap if chunk_overlap is not None else max(0, size // 8)
         if not (16 <= size <= 8192) or not (0 <= overlap < size):
@@ -302,6 +313,11 @@ class Collections:
                                 "chunk_overlap": overlap,
                                 "title_prefix": title_prefix,
                                 "language": language,
+                                "bm25_k1": k1,
+                                "bm25_b": b,
+                                "fusion": fused.fusion,
+                                "fusion_alpha": fused.alpha,
+                                "rrf_k": fused.rrf_k,
                             },
                         )
                         row = await cur.fetchone()
@@ -418,6 +434,9 @@ class Collection:
     building: Space | None
     counts: dict[str, int]
     created_at: datetime
+    bm25_k1: float
+    bm25_b: float
+    fusion: FusionOptions
 
     @classmethod
     def from_row(cls, app: App, row: Mapping[str, Any]) -> Collection:
@@ -434,6 +453,9 @@ class Collection:
             building=Space.from_row(row["building"]) if row["building"] else None,
             counts={k: int(v) for k, v in (row["counts"] or {}).items()},
             created_at=row["created_at"],
+            bm25_k1=float(row["bm25_k1"]),
+            bm25_b=float(row["bm25_b"]),
+            fusion=FusionOptions(row["fusion"], float(row["fusion_alpha"]), int(row["rrf_k"])),
         )
 
     @property
@@ -467,6 +489,7 @@ class Collection:
             "building": space(self.building),
             "documents": self.counts,
             "created_at": self.created_at.isoformat(),
+            "search": {"bm25_k1": self.bm25_k1, "bm25_b": self.bm25_b, **self.fusion.to_json()},
         }
 
     def check_same_model(self, config: ProviderConfig) -> None:
@@ -638,11 +661,66 @@ class Collection:
         mode: str = "hybrid",
         k: int = 10,
         filters: Mapping[str, Any] | None = None,
+        fusion: str | None = None,
+        alpha: float | None = None,
+        rrf_k: int | None = None,
+        literal: bool = False,
     ) -> list[SearchHit]:
-        """Search the collection; see `search.py` for modes and filter syntax."""
+        """Search the collection; see `search.py` for modes, fusion, query and filter
+        syntax."""
         from embedq.search import search
 
-        return await search(self, query, mode=mode, k=k, filters=filters)
+        return await search(
+            self,
+            query,
+            mode=mode,
+            k=k,
+            filters=filters,
+            fusion=fusion,
+            alpha=alpha,
+            rrf_k=rrf_k,
+            literal=literal,
+        )
+
+    async def evaluate(
+        self,
+        judged: Judged,
+        *,
+        modes: Sequence[str] = ("semantic", "keyword", "hybrid"),
+        k: int = 100,
+        alpha_sweep: bool = False,
+    ) -> EvalReport:
+        """Search quality on judged queries: nDCG@10, recall@k, MRR@10 per mode
+        (`evaluate.py`; load BEIR files with `embedq.evaluate.load_judged`)."""
+        from embedq.evaluate import evaluate
+
+        return await evaluate(self, judged, modes=modes, k=k, alpha_sweep=alpha_sweep)
+
+    async def set_search_options(
+        self,
+        *,
+        bm25_k1: float | None = None,
+        bm25_b: float | None = None,
+        fusion: str | None = None,
+        alpha: float | None = None,
+        rrf_k: int | None = None,
+    ) -> Collection:
+        """Change the collection's keyword parameters or hybrid search's default fusion
+        (None keeps a value). New k1 or b re-sort its postings at the next compaction."""
+        check_bm25(bm25_k1, bm25_b, required=False)
+        self.fusion.replace(fusion, alpha, rrf_k)  # checks them
+        await self.app.store.fetch_sql(
+            self.q["set_search_options"],
+            {
+                "collection": self.id,
+                "bm25_k1": bm25_k1,
+                "bm25_b": bm25_b,
+                "fusion": fusion,
+                "fusion_alpha": alpha,
+                "rrf_k": rrf_k,
+            },
+        )
+        return await self.with_fresh_state()
 
     # --- model switch --------------------------------------------------------------------
 
@@ -785,6 +863,25 @@ def provider_config(
         options={k: v for k, v in extra.items() if k not in known},
     )
     return config
+
+
+def check_bm25(k1: Any, b: Any, *, required: bool = True) -> tuple[float, float]:
+    """BM25's k1 (0 to 10) and b (0 to 1), checked; the defaults for None when `required`."""
+    for name, value, high in (("bm25_k1", k1, 10), ("bm25_b", b, 1)):
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (0 <= value <= high)
+        ):
+            raise InvalidDocument(f"{name} must be a number from 0 to {high}, not {value!r}")
+    if not required:
+        return (k1, b)
+    return (
+        float(bm25.DEFAULT_K1 if k1 is None else k1),
+        float(bm25.DEFAULT_B if b is None else b),
+    )
 
 
 def _check_requested(config: ProviderConfig, requested: int | None, dims: int) -> None:

@@ -290,10 +290,12 @@ def _jsonl_doc(line: str) -> SourceDoc:
         raise _Unreadable(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise _Unreadable(f"expected a JSON object, got {type(record).__name__}")
-    key, text = record.get("key"), record.get("text")
+    # embedq's own lines carry "key"; BEIR corpora "_id" (their "metadata" is kept too)
+    key = record.get("key", record.get("_id"))
+    text = record.get("text")
     title, metadata = record.get("title"), record.get("metadata")
     if not isinstance(key, str) or not key.strip():
-        raise _Unreadable('"key" is missing or not a non-empty string')
+        raise _Unreadable('"key" (or BEIR\'s "_id") is missing or not a non-empty string')
     if not isinstance(text, str):
         raise _Unreadable('"text" is missing or not a string')
     if title is not None and not isinstance(title, str):

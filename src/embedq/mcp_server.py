@@ -68,8 +68,8 @@ Query = Annotated[str, Field(description="What to look for, in natural language 
 Mode = Annotated[
     str,
     Field(
-        description="hybrid (meaning and keywords fused by rank), semantic (meaning only) or "
-        "keyword (PostgreSQL full-text: quotes, or, -word).",
+        description="hybrid (meaning and keywords fused), semantic (meaning only) or "
+        'keyword (BM25: any word matches, "quoted phrases" must, -word excludes).',
         json_schema_extra={"enum": list(MODES)},
     ),
 ]
@@ -85,6 +85,21 @@ Filters = Annotated[
     Field(
         description='Metadata filter: {"lang": "en"} for equality, or {"year": {"$gte": 2023}} '
         "with $eq $ne $in $nin $gt $gte $lt $lte $exists."
+    ),
+]
+Fusion = Annotated[
+    str | None,
+    Field(
+        description="Hybrid only: convex (a weighted sum of normalised scores) or rrf "
+        "(reciprocal rank); default: the collection's.",
+        json_schema_extra={"enum": ["convex", "rrf"]},
+    ),
+]
+Alpha = Annotated[
+    float | None,
+    Field(
+        description="Hybrid with convex fusion: the weight of meaning over keywords, 0 to 1.",
+        json_schema_extra={"minimum": 0, "maximum": 1},
     ),
 ]
 Key = Annotated[str, Field(description="The document's key (a search hit's `key`).")]
@@ -164,12 +179,16 @@ def build_server(app: App) -> MCPServer[Any]:
         mode: Mode = "hybrid",
         k: K = 10,
         filters: Filters = None,
+        fusion: Fusion = None,
+        alpha: Alpha = None,
     ) -> SearchResult:
         """Search a collection and return its best documents, each with the passage that
         matched. Documents whose embedding is still pending are found by keyword."""
         with _tool_errors():
             col = await app.collections.get(collection, counts=False)
-            hits = await col.search(query, mode=mode, k=k, filters=filters)
+            hits = await col.search(
+                query, mode=mode, k=k, filters=filters, fusion=fusion, alpha=alpha
+            )
         return SearchResult(
             collection=col.name, query=query, mode=mode, hits=[_hit(h) for h in hits]
         )

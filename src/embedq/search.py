@@ -7,27 +7,31 @@
   against its chunks through that space's HNSW index (cosine by default); each document
   counts once, with its best chunks. With filters, pgvector 0.8's iterative index scans keep
   returning candidates until enough pass the filter.
-- **keyword**: PostgreSQL full-text search over documents (`websearch_to_tsquery`: quotes,
-  `or`, `-word`), so documents not embedded yet are found too.
-- **hybrid** (default): both lists fused by reciprocal rank (score = sum of 1/(60 + rank)).
+- **keyword**: BM25 over the collection's text-search configuration (`bm25.py`): a document
+  holding *any* of the query's terms matches and ranking does the rest; `"quoted phrases"`
+  must appear and `-word` excludes. Documents not embedded yet are found too.
+- **hybrid** (default): both legs, each to its top max(100, k), fused (`fusion.py`) by the
+  collection's default (a convex combination of normalised scores, alpha = 0.5) or by what
+  the query asks (`fusion="rrf"`, `alpha=0.7`, `rrf_k=60`).
 
 Filters: `{"field": value}` (equality), or `{"field": {"$op": value}}` with `$eq`, `$ne`,
 `$in`, `$nin`, `$gt`, `$gte`, `$lt`, `$lte`, `$exists`. Numbers compare as numbers, strings
 as text (ISO dates sort correctly).
 
 A search runs in one repeatable-read transaction, so a model switch that completes meanwhile
-is seen entirely or not at all: results never mix models and never come back empty
-because the old chunks were just removed.
+is seen entirely or not at all (results never mix models, never come back empty because the
+old chunks were just removed), and keyword statistics and postings are those of one moment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,16 +39,17 @@ import numpy as np
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from embedq import db, metrics
+from embedq import bm25, db, metrics, queries
 from embedq.documents import Space, vector_cast
 from embedq.errors import InvalidDocument
+from embedq.fusion import FusionOptions, fuse, ranked
 
 if TYPE_CHECKING:
     from embedq.documents import Collection
 
 MODES = ("semantic", "keyword", "hybrid")
-RRF_K = 60
 MAX_K = 1000
+DEEP_K = 100  # each leg of a hybrid search brings its top max(DEEP_K, k)
 MAX_EF = 1000  # pgvector's upper bound of hnsw.ef_search
 _OPERATORS = {"cosine": "<=>", "l2": "<->", "ip": "<#>"}
 _COMPARE = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
@@ -89,14 +94,23 @@ class SearchHit:
         }
 
 
-@dataclass
-class SearchStats:
-    searches: int = 0
-    seconds: list[float] = field(default_factory=list)
+@dataclass(frozen=True)
+class Legs:
+    """What each leg of a search found, best first, before fusion: (document id, score)."""
 
+    semantic: list[tuple[int, float]]
+    keyword: list[tuple[int, float]]
+    chunks: dict[int, list[ChunkHit]]
+    space: Space
+    terms: list[str]  # the query's terms, for snippets
 
-stats = SearchStats()
-_query_vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+    def scores(self, mode: str, options: FusionOptions) -> dict[int, float]:
+        """Each document's score in `mode`: one leg's, or both fused."""
+        if mode == "semantic":
+            return dict(self.semantic)
+        if mode == "keyword":
+            return dict(self.keyword)
+        return fuse(self.semantic, self.keyword, options)
 
 
 async def search(
@@ -106,61 +120,128 @@ async def search(
     mode: str = "hybrid",
     k: int = 10,
     filters: Mapping[str, Any] | None = None,
+    fusion: str | None = None,
+    alpha: float | None = None,
+    rrf_k: int | None = None,
+    literal: bool = False,
 ) -> list[SearchHit]:
-    """See the module docstring."""
+    """See the module docstring. `literal=True` takes the query as plain text: quotes and
+    leading minus signs are not query syntax (for queries no person typed, e.g. judged
+    queries that quote passages)."""
     started = time.perf_counter()
+    check_request(query, mode, k)
+    options = collection.fusion.replace(fusion, alpha, rrf_k)
+    depth = k if mode != "hybrid" else max(DEEP_K, k)
+    async with snapshot(collection) as conn:
+        legs = await run_legs(conn, collection, query, mode, depth, filters, literal=literal)
+        if legs is None:
+            return []  # dropped meanwhile
+        scores = legs.scores(mode, options)
+        top = ranked(scores, k)
+        hits = await _hits(conn, collection, mode, top, scores, legs)
+    metrics.SEARCH_SECONDS.labels(mode=mode).observe(time.perf_counter() - started)
+    return hits
+
+
+def check_request(query: Any, mode: Any, k: Any) -> None:
     if not isinstance(query, str) or not query.strip():
         raise InvalidDocument("the search query is empty")
     if mode not in MODES:
         raise InvalidDocument(f"search mode {mode!r} is invalid: use {', '.join(MODES)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidDocument(f"k must be an integer from 1 to {MAX_K}, not {k!r}")
+
+
+@contextlib.asynccontextmanager
+async def snapshot(collection: Collection) -> AsyncIterator[Any]:
+    """A pooled connection in a read-only repeatable-read transaction, errors mapped."""
+    pool = collection.app.store.pool
+    assert pool is not None
+    with db.translated():
+        async with pool.connection() as conn:
+            # BEGIN by hand on the pool's autocommit connection: one round trip less.
+            await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield conn
+            finally:
+                await conn.execute("ROLLBACK")  # read only: nothing to commit
+
+
+class QueryVectors:
+    """The vectors of recent queries, by model and endpoint (one per App: `app.query_vectors`),
+    so a query asked again, or by both legs of an evaluation, is embedded once."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str | None, str], np.ndarray] = OrderedDict()
+
+    def get(self, space: Space, query: str) -> np.ndarray | None:
+        key = (space.model_key, space.config.base_url, query)
+        vector = self._items.get(key)
+        if vector is not None:
+            self._items.move_to_end(key)
+        return vector
+
+    def put(self, space: Space, query: str, vector: np.ndarray) -> None:
+        self._items[(space.model_key, space.config.base_url, query)] = vector
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+async def run_legs(
+    conn: Any,
+    collection: Collection,
+    query: str,
+    mode: str,
+    depth: int,
+    filters: Mapping[str, Any] | None,
+    *,
+    literal: bool = False,
+) -> Legs | None:
+    """Both legs (or the one `mode` needs) of a search, each to its top `depth`, in the
+    caller's snapshot. None: the collection was dropped meanwhile."""
     where, params = compile_filters(filters or {})
-    app = collection.app
+    s = collection.app.settings
+    cur = conn.cursor(row_factory=dict_row)
     space = collection.active
     vector = await _embed_query(collection, space, query) if mode != "keyword" else None
-    pool = app.store.pool
-    assert pool is not None
     for _ in range(3):
-        with db.translated():
-            async with pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                # BEGIN by hand on the pool's autocommit connection: one round trip less.
-                await cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                try:
-                    await cur.execute(
-                        sql.SQL(
-                            "SELECT s.*, set_config('hnsw.ef_search', %s, true) AS ef, "
-                            "set_config('hnsw.iterative_scan', 'relaxed_order', true) AS scan "
-                            "FROM {}.spaces s WHERE collection_id = %s AND state = 'active'"
-                        ).format(sql.Identifier(app.settings.db_schema)),
-                        (str(min(MAX_EF, max(app.settings.search_ef, k * 4))), collection.id),
-                    )
-                    row = await cur.fetchone()
-                    if row is None:
-                        return []  # dropped meanwhile
-                    current = Space.from_row(row)
-                    if vector is not None and current.id != space.id:
-                        space = current  # a model switch completed: embed with the new model
-                        vector = await _embed_query(collection, space, query)
-                        continue
-                    hits = await _run(
-                        cur, collection, current, query, vector, mode, k, where, params
-                    )
-                finally:
-                    await conn.execute("ROLLBACK")  # read only: nothing to commit
-        seconds = time.perf_counter() - started
-        stats.searches += 1
-        stats.seconds.append(seconds)
-        del stats.seconds[:-1000]
-        metrics.SEARCH_SECONDS.labels(mode=mode).observe(seconds)
-        return hits
-    raise InvalidDocument("the collection's model changed three times during one search")
+        await cur.execute(
+            sql.SQL(
+                "SELECT s.*, set_config('hnsw.ef_search', %s, true) AS ef, "
+                "set_config('hnsw.iterative_scan', 'relaxed_order', true) AS scan "
+                "FROM {}.spaces s WHERE collection_id = %s AND state = 'active'"
+            ).format(sql.Identifier(s.db_schema)),
+            (str(min(MAX_EF, max(s.search_ef, depth * 4))), collection.id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        current = Space.from_row(row)
+        if vector is None or current.id == space.id:
+            break
+        space = current  # a model switch completed: embed with the new model
+        vector = await _embed_query(collection, space, query)
+    else:
+        raise InvalidDocument("the collection's model changed three times during one search")
+    semantic: list[tuple[int, float]] = []
+    chunks: dict[int, list[ChunkHit]] = {}
+    if vector is not None:
+        found = await _semantic(cur, collection, space, vector, depth, where, params)
+        semantic = [(r["id"], r["score"]) for r in found]
+        chunks = {r["id"]: [ChunkHit(c["seq"], c["text"], c["score"]) for c in r["chunks"]]
+                  for r in found}  # fmt: skip
+    keyword: list[tuple[int, float]] = []
+    terms: list[str] = []
+    if mode != "semantic":
+        parsed = bm25.KeywordQuery(query) if literal else bm25.parse_query(query)
+        keyword, terms = await _keyword(conn, cur, collection, parsed, depth, where, params)
+    return Legs(semantic, keyword, chunks, space, terms)
 
 
 async def _embed_query(collection: Collection, space: Space, query: str) -> np.ndarray:
-    key = (space.model_key, query)
-    vector = _query_vectors.get(key)
+    cache = collection.app.query_vectors
+    vector = cache.get(space, query)
     if vector is None:
         guarded = collection.app.endpoints.get(space.config)
         tokens = 0
@@ -171,69 +252,79 @@ async def _embed_query(collection: Collection, space: Space, query: str) -> np.n
             tokenizer = await asyncio.to_thread(tokenizer_for, space.config)
             tokens = tokenizer.count(query)
         [vector] = await guarded.embed([query], tokens=tokens)
-        _query_vectors[key] = vector
-        if len(_query_vectors) > 2048:
-            _query_vectors.popitem(last=False)
-    else:
-        _query_vectors.move_to_end(key)
+        cache.put(space, query, vector)
     return vector
 
 
-async def _run(
+async def _keyword(
+    conn: Any,
     cur: Any,
     collection: Collection,
-    space: Space,
-    query: str,
-    vector: np.ndarray | None,
-    mode: str,
-    k: int,
+    parsed: bm25.KeywordQuery,
+    depth: int,
     where: sql.Composable,
     params: dict[str, Any],
-) -> list[SearchHit]:
-    schema = sql.Identifier(collection.app.settings.db_schema)
-    semantic: list[dict[str, Any]] = []
-    keyword: list[dict[str, Any]] = []
-    pool_size = k if mode == "semantic" else max(k * 2, 20)
-    if vector is not None:
-        semantic = await _semantic(cur, collection, space, vector, pool_size, where, params)
-    if mode != "semantic":
-        await cur.execute(
-            sql.SQL(
-                "SELECT d.id, ts_rank_cd(d.tsv, tq) AS rank "
-                "FROM {s}.documents d, websearch_to_tsquery(%(lang)s::regconfig, %(q)s) tq "
-                "WHERE d.collection_id = %(c)s AND d.tsv @@ tq {where} "
-                "ORDER BY rank DESC, d.id LIMIT %(n)s"
-            ).format(s=schema, where=where),
-            {**params, "lang": collection.language, "q": query, "c": collection.id, "n": pool_size},
-        )
-        keyword = await cur.fetchall()
+) -> tuple[list[tuple[int, float]], list[str]]:
+    """The BM25 leg, and the query's terms: its phrases must match, its exclusions not."""
+    schema = collection.app.settings.db_schema
+    terms, counts = await bm25.analyze(cur, schema, collection.language, parsed.scored_text)
+    if not terms:
+        return [], []  # only stop words (or nothing) to look for
+    allowed: np.ndarray | None = None
+    if params:
+        allowed = await _filtered(cur, collection, where, params)
+    denied: np.ndarray | None = None
+    for phrase in parsed.phrases:
+        docs = await bm25.matching(conn, schema, collection.id, collection.language, phrase)
+        if docs is not None:
+            allowed = docs if allowed is None else np.intersect1d(allowed, docs)
+    for excluded in parsed.excluded:
+        docs = await bm25.matching(conn, schema, collection.id, collection.language, excluded)
+        if docs is not None:
+            denied = docs if denied is None else np.union1d(denied, docs)
+    if allowed is not None and not len(allowed):
+        return [], terms
+    ids, scores = await bm25.top_k(
+        conn, schema, collection.id, terms, counts, depth, allowed=allowed, denied=denied
+    )
+    return list(zip(ids, scores, strict=True)), terms
 
-    scores: dict[int, float] = {}
-    sem_rank = {r["id"]: i + 1 for i, r in enumerate(semantic)}
-    kw_rank = {r["id"]: i + 1 for i, r in enumerate(keyword)}
-    if mode == "semantic":
-        scores = {r["id"]: r["score"] for r in semantic}
-    elif mode == "keyword":
-        scores = {r["id"]: float(r["rank"]) for r in keyword}
-    else:
-        for ranks in (sem_rank, kw_rank):
-            for doc_id, rank in ranks.items():
-                scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (RRF_K + rank)
-    top = sorted(scores, key=lambda d: (-scores[d], d))[:k]
-    if not top:
-        return []
+
+async def _filtered(
+    cur: Any, collection: Collection, where: sql.Composable, params: dict[str, Any]
+) -> np.ndarray:
+    """The ids of the collection's documents that pass a metadata filter."""
     await cur.execute(
         sql.SQL(
-            "SELECT d.id, d.key, d.title, d.metadata, d.status, "
-            "CASE WHEN %(snip)s THEN ts_headline(d.language, left(d.body, 20000), "
-            "websearch_to_tsquery(d.language, %(q)s), 'MaxFragments=1, MaxWords=30, "
-            "MinWords=10') END AS snippet "
-            "FROM {s}.documents d WHERE d.id = ANY(%(ids)s)"
-        ).format(s=schema),
-        {"ids": top, "q": query, "snip": mode != "semantic"},
+            "SELECT coalesce(array_agg(d.id), '{{}}') AS ids FROM {s}.documents d "
+            "WHERE d.collection_id = %(c)s {where}"
+        ).format(s=sql.Identifier(collection.app.settings.db_schema), where=where),
+        {**params, "c": collection.id},
+    )
+    row = await cur.fetchone()
+    return np.sort(np.asarray(row["ids"], dtype=np.int64))
+
+
+async def _hits(
+    conn: Any,
+    collection: Collection,
+    mode: str,
+    top: list[int],
+    scores: Mapping[int, float],
+    legs: Legs,
+) -> list[SearchHit]:
+    if not top:
+        return []
+    cur = conn.cursor(row_factory=dict_row)
+    q = queries.load("search.sql", collection.app.settings.db_schema)
+    await cur.execute(
+        q["hits"],
+        {"ids": top, "snip": bool(legs.terms), "query": bm25.or_query(legs.terms)},
     )
     docs = {r["id"]: r for r in await cur.fetchall()}
-    chunks = {r["id"]: r["chunks"] for r in semantic}
+    sem_rank = {d: i + 1 for i, (d, _) in enumerate(legs.semantic)}
+    kw_rank = {d: i + 1 for i, (d, _) in enumerate(legs.keyword)}
+    model = f"{legs.space.config.provider}/{legs.space.config.model}"
     return [
         SearchHit(
             key=docs[d]["key"],
@@ -241,11 +332,11 @@ async def _run(
             score=scores[d],
             metadata=docs[d]["metadata"],
             status=docs[d]["status"],
-            chunks=[ChunkHit(c["seq"], c["text"], c["score"]) for c in chunks.get(d, [])],
+            chunks=legs.chunks.get(d, []),
             snippet=docs[d]["snippet"],
             semantic_rank=sem_rank.get(d),
             keyword_rank=kw_rank.get(d),
-            model=f"{space.config.provider}/{space.config.model}" if d in sem_rank else None,
+            model=model if d in sem_rank else None,
         )
         for d in top
         if d in docs
@@ -289,8 +380,8 @@ async def _semantic(
         hits = by_doc.setdefault(r["document_id"], [])
         if len(hits) < 3:
             hits.append({"seq": r["seq"], "text": r["content"], "score": score})
-    ranked = sorted(by_doc.items(), key=lambda kv: -kv[1][0]["score"])[:k]
-    return [{"id": d, "score": hits[0]["score"], "chunks": hits} for d, hits in ranked]
+    ranked_docs = sorted(by_doc.items(), key=lambda kv: -kv[1][0]["score"])[:k]
+    return [{"id": d, "score": hits[0]["score"], "chunks": hits} for d, hits in ranked_docs]
 
 
 def _score(distance: str, value: float) -> float:

@@ -284,6 +284,14 @@ class Settings(BaseSettings):
         description="HNSW candidate list size at query time (pgvector hnsw.ef_search): "
         "higher finds more of the true nearest chunks, slower.",
     )
+    bm25_compaction_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=86_400,
+        description="How often a worker merges the keyword-search postings that writes "
+        "appended into sorted segments (searches read fewer postings after); 0 turns it off "
+        "(search stays exact, only slower; `embedq collection compact` still runs it).",
+    )
 
     # --- webhooks ----------------------------------------------------------------------
     webhook_max_attempts: int = Field(

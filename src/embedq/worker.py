@@ -35,7 +35,7 @@ from croniter import croniter
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from embedq import __version__, db, logs, metrics, queries, tracing
+from embedq import __version__, bm25, db, logs, metrics, queries, tracing
 from embedq.app import App
 from embedq.errors import DatabaseError, EmbedqError, TaskTimeout, is_permanent
 from embedq.jobs import Job, JobSpec, JobStore
@@ -649,10 +649,12 @@ class Worker:
     # --- janitor -------------------------------------------------------------------------
 
     async def _janitor(self) -> None:
-        """Reclaim expired leases, enqueue due periodic tasks, and clean old history."""
+        """Reclaim expired leases, enqueue due periodic tasks, compact keyword-search postings
+        and clean old history."""
         s = self.app.settings
         every = min(max(s.lease_s / 3, 0.5), 5.0)
         last_cleanup = 0.0
+        last_compaction = time.monotonic()
         periodic = [t for t in self.app.tasks.values() if t.cron]
         last_tick: dict[str, datetime] = {}
         while True:
@@ -670,6 +672,9 @@ class Worker:
                 if time.monotonic() - last_cleanup > CLEANUP_EVERY_S:
                     last_cleanup = time.monotonic()
                     await self._cleanup()
+                if s.bm25_compaction_s and time.monotonic() - last_compaction > s.bm25_compaction_s:
+                    last_compaction = time.monotonic()
+                    await bm25.compact(self.app)
             except DatabaseError as exc:
                 if self._closing:
                     return

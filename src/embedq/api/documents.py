@@ -71,6 +71,26 @@ class CollectionIn(BaseModel):
     exist_ok: bool = Field(
         False, description="Answer 200 with the existing collection if its configuration matches."
     )
+    bm25_k1: float | None = Field(None, ge=0, le=10, description="BM25 k1 (default 0.9).")
+    bm25_b: float | None = Field(None, ge=0, le=1, description="BM25 b (default 0.4).")
+    fusion: Literal["convex", "rrf"] | None = Field(
+        None, description="Hybrid search's default fusion (default convex)."
+    )
+    alpha: float | None = Field(
+        None, ge=0, le=1, description="Convex fusion: weight of the semantic leg (default 0.5)."
+    )
+    rrf_k: int | None = Field(None, ge=1, le=10_000, description="RRF's constant (default 60).")
+
+
+class SearchOptionsIn(BaseModel):
+    """A collection's search options to change; fields left out keep their value."""
+
+    model_config = ConfigDict(extra="forbid")
+    bm25_k1: float | None = Field(None, ge=0, le=10)
+    bm25_b: float | None = Field(None, ge=0, le=1)
+    fusion: Literal["convex", "rrf"] | None = None
+    alpha: float | None = Field(None, ge=0, le=1)
+    rrf_k: int | None = Field(None, ge=1, le=10_000)
 
 
 class DocumentIn(BaseModel):
@@ -102,6 +122,15 @@ class SearchIn(BaseModel):
     filters: dict[str, Any] = Field(
         default_factory=dict, description="Metadata filters; see docs/pipeline.md."
     )
+    fusion: Literal["convex", "rrf"] | None = Field(
+        None,
+        description="Hybrid: fuse by a convex combination or reciprocal rank (default: "
+        "the collection's).",
+    )
+    alpha: float | None = Field(
+        None, ge=0, le=1, description="Convex fusion: the weight of the semantic leg."
+    )
+    rrf_k: int | None = Field(None, ge=1, le=10_000, description="RRF's constant.")
 
 
 Wait = Annotated[
@@ -237,6 +266,17 @@ async def show_collection(request: Request, name: str) -> dict[str, Any]:
     done, total = await col.progress()
     out["progress"] = {"current": done, "documents": total}
     return out
+
+
+@router.patch(
+    "/collections/{name}",
+    summary="Change a collection's search options (BM25 k1 and b, hybrid fusion)",
+    dependencies=[require("admin")],
+)
+async def set_search_options(request: Request, name: str, body: SearchOptionsIn) -> dict[str, Any]:
+    col = await _collection(request, name)
+    col = await col.set_search_options(**body.model_dump())
+    return col.to_json()
 
 
 @router.delete(
@@ -458,7 +498,15 @@ def _metadata_field(raw: str | None) -> dict[str, Any]:
 async def search(request: Request, name: str, body: SearchIn) -> dict[str, Any]:
     col = await _collection(request, name)
     started = time.perf_counter()
-    hits = await col.search(body.query, mode=body.mode, k=body.k, filters=body.filters)
+    hits = await col.search(
+        body.query,
+        mode=body.mode,
+        k=body.k,
+        filters=body.filters,
+        fusion=body.fusion,
+        alpha=body.alpha,
+        rrf_k=body.rrf_k,
+    )
     return {
         "hits": [h.to_json() for h in hits],
         "mode": body.mode,

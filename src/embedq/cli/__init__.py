@@ -1,6 +1,6 @@
 """The `embedq` command line: `serve`, `health`, `token`, `worker`, `db`, `settings`, `queue`,
-`demo`, `collection`, `doc`, `search`, `ingest`, `provider`, `mcp`, `webhook`, `watch`,
-`backfill`.
+`demo`, `collection`, `doc`, `search`, `ingest`, `eval`, `provider`, `mcp`, `webhook`,
+`watch`, `backfill`.
 
 Every command takes `--json` where it prints data, and every error is one line naming the
 problem and the fix, with a non-zero exit; never a traceback.
@@ -12,7 +12,18 @@ import sys
 
 import typer
 
-from embedq.cli import admin, collection, mcp, queue, run, search, service, watch, webhook
+from embedq.cli import (
+    admin,
+    collection,
+    evaluate,
+    mcp,
+    queue,
+    run,
+    search,
+    service,
+    watch,
+    webhook,
+)
 from embedq.cli.common import State, console_err, setup_logging
 from embedq.errors import EmbedqError
 
@@ -36,6 +47,7 @@ app.add_typer(collection.doc_app, name="doc")
 app.add_typer(search.provider_app, name="provider")
 app.command("search")(search.search)
 app.command("ingest")(search.ingest)
+app.command("eval")(evaluate.eval_)
 app.command("mcp")(mcp.mcp)
 app.add_typer(webhook.webhook_app, name="webhook")
 app.add_typer(watch.watch_app, name="watch")

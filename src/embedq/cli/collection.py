@@ -112,6 +112,19 @@ def describe_space(space: Space) -> str:
     return f"{space.config.provider}/{space.config.model} ({space.dimensions} dims)"
 
 
+K1_OPTION = typer.Option(
+    None, "--k1", help="BM25 term-frequency saturation k1, 0-10 (default 0.9)."
+)
+B_OPTION = typer.Option(None, "--b", help="BM25 length normalisation b, 0-1 (default 0.4).")
+FUSION_OPTION = typer.Option(
+    None, "--fusion", help="How hybrid search fuses its legs: convex (default) or rrf."
+)
+ALPHA_OPTION = typer.Option(
+    None, "--alpha", help="Convex fusion: the weight of the semantic leg, 0-1 (default 0.5)."
+)
+RRF_K_OPTION = typer.Option(None, "--rrf-k", help="RRF fusion: its constant (default 60).")
+
+
 # --- collections ---------------------------------------------------------------------------
 
 
@@ -141,6 +154,11 @@ def create(
     exist_ok: bool = typer.Option(
         False, "--exist-ok", help="Succeed if it exists with the same model."
     ),
+    k1: float | None = K1_OPTION,
+    b: float | None = B_OPTION,
+    fusion: str | None = FUSION_OPTION,
+    alpha: float | None = ALPHA_OPTION,
+    rrf_k: int | None = RRF_K_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Create a collection (its vector length is probed from the provider if not given)."""
@@ -161,6 +179,11 @@ def create(
             fallback_urls=fallback_urls or (),
             options=opts,
             exist_ok=exist_ok,
+            bm25_k1=k1,
+            bm25_b=b,
+            fusion=fusion,
+            alpha=alpha,
+            rrf_k=rrf_k,
         )
 
     col = run(with_app(state(ctx), go))
@@ -216,6 +239,11 @@ def show(ctx: typer.Context, name: str, json_out: bool = JSON_OPTION) -> None:
         return
     for key in ("name", "distance", "chunk_size", "chunk_overlap", "title_prefix", "language"):
         console.print(f"{key:>14}: {escape(str(out[key]))}")
+    o = out["search"]
+    console.print(
+        f"{'search':>14}: BM25 k1 {o['bm25_k1']} b {o['bm25_b']}; hybrid fusion {o['fusion']} "
+        f"(alpha {o['alpha']}, rrf_k {o['rrf_k']})"
+    )
     console.print(f"{'created_at':>14}: {out['created_at']}")
     counts = out["documents"]
     console.print(
@@ -252,6 +280,67 @@ def drop(
         print_json({"dropped": name, "documents": n})
     else:
         console.print(f"dropped collection {escape(name)!r} and its {n} documents")
+
+
+@collection_app.command("set-search")
+def set_search(
+    ctx: typer.Context,
+    name: str,
+    k1: float | None = K1_OPTION,
+    b: float | None = B_OPTION,
+    fusion: str | None = FUSION_OPTION,
+    alpha: float | None = ALPHA_OPTION,
+    rrf_k: int | None = RRF_K_OPTION,
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Change a collection's keyword parameters (BM25 k1, b) or the default fusion of its
+    hybrid searches (docs/search.md); options left out keep their value."""
+    if all(v is None for v in (k1, b, fusion, alpha, rrf_k)):
+        raise InvalidDocument("give at least one of --k1, --b, --fusion, --alpha, --rrf-k")
+
+    async def go(app: App) -> Collection:
+        col = await app.collections.get(name, counts=False)
+        return await col.set_search_options(
+            bm25_k1=k1, bm25_b=b, fusion=fusion, alpha=alpha, rrf_k=rrf_k
+        )
+
+    col = run(with_app(state(ctx), go))
+    if json_out:
+        print_json({"name": col.name, "search": col.to_json()["search"]})
+        return
+    o = col.to_json()["search"]
+    resort = " (postings re-sorted at the next compaction)" if (k1, b) != (None, None) else ""
+    console.print(
+        f"collection {escape(col.name)!r}: BM25 k1 {o['bm25_k1']} b {o['bm25_b']}, hybrid "
+        f"fusion {o['fusion']} (alpha {o['alpha']}, rrf_k {o['rrf_k']}){resort}"
+    )
+
+
+@collection_app.command("compact")
+def compact(
+    ctx: typer.Context,
+    name: str | None = typer.Argument(None, help="One collection (default: every one)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Merge the keyword-search postings that writes appended into sorted segments, now
+    (workers do it every bm25_compaction_s seconds): after a large load, searches read
+    fewer postings. Searches are exact either way."""
+    from embedq import bm25
+
+    async def go(app: App) -> bm25.Compaction:
+        target = None if name is None else (await app.collections.get(name, counts=False)).id
+        return await bm25.compact(app, target)
+
+    report = run(with_app(state(ctx), go))
+    if json_out:
+        print_json(report.to_json())
+    elif report.busy:
+        console.print("another process is compacting; try again when it is done")
+    else:
+        console.print(
+            f"compacted {report.collections} collection(s): {report.terms} terms, "
+            f"{report.postings} postings sorted in {report.seconds:.1f} s"
+        )
 
 
 @collection_app.command("set-model")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedq.app import App
-from embedq.cli.collection import parse_json_object
+from embedq.cli.collection import ALPHA_OPTION, FUSION_OPTION, RRF_K_OPTION, parse_json_object
 from embedq.cli.common import (
     JSON_OPTION,
     console,
@@ -60,7 +60,7 @@ def search(
     query: str = typer.Argument(..., help="What to look for."),
     collection: str = COLLECTION_OPTION,
     mode: str = typer.Option(
-        "hybrid", "--mode", "-m", help="hybrid (both, fused by rank), semantic or keyword."
+        "hybrid", "--mode", "-m", help="hybrid (both legs fused), semantic or keyword (BM25)."
     ),
     k: int = typer.Option(10, "-k", help="Documents to return (1-1000)."),
     filter_json: str | None = typer.Option(
@@ -69,14 +69,21 @@ def search(
         help='Metadata filter as JSON: {"lang": "en", "year": {"$gte": 2023}}; operators '
         "$eq $ne $in $nin $gt $gte $lt $lte $exists.",
     ),
+    fusion: str | None = FUSION_OPTION,
+    alpha: float | None = ALPHA_OPTION,
+    rrf_k: int | None = RRF_K_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Search a collection: semantic, keyword or hybrid, with metadata filters."""
+    """Search a collection: semantic, keyword (BM25: any term matches, "quoted phrases" must,
+    -word excludes) or hybrid, with metadata filters. --fusion/--alpha/--rrf-k override the
+    collection's default fusion for this search."""
     filters = parse_json_object(filter_json, "--filter", '{"lang": "en"}')
 
     async def go(app: App) -> list[dict[str, Any]]:
-        col = await app.collections.get(collection)
-        hits = await col.search(query, mode=mode, k=k, filters=filters)
+        col = await app.collections.get(collection, counts=False)
+        hits = await col.search(
+            query, mode=mode, k=k, filters=filters, fusion=fusion, alpha=alpha, rrf_k=rrf_k
+        )
         return [h.to_json() for h in hits]
 
     hits = run(with_app(state(ctx), go))

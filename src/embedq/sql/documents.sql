@@ -3,10 +3,28 @@
 
 -- name: create_collection
 INSERT INTO {schema}.collections (name, distance, chunk_size, chunk_overlap, title_prefix,
-                                  language)
+                                  language, bm25_k1, bm25_b, fusion, fusion_alpha, rrf_k)
 VALUES (%(name)s, %(distance)s, %(chunk_size)s, %(chunk_overlap)s, %(title_prefix)s,
-        %(language)s::regconfig)
+        %(language)s::regconfig, %(bm25_k1)s, %(bm25_b)s, %(fusion)s, %(fusion_alpha)s,
+        %(rrf_k)s)
 RETURNING id;
+
+-- name: set_search_options
+-- A collection's search options. New k1 or b mark its statistics changed (a row of zeros in
+-- its totals), so compaction re-sorts its postings under them.
+WITH updated AS (
+    UPDATE {schema}.collections c SET
+        bm25_k1 = coalesce(%(bm25_k1)s, c.bm25_k1),
+        bm25_b = coalesce(%(bm25_b)s, c.bm25_b),
+        fusion = coalesce(%(fusion)s, c.fusion),
+        fusion_alpha = coalesce(%(fusion_alpha)s, c.fusion_alpha),
+        rrf_k = coalesce(%(rrf_k)s, c.rrf_k)
+    FROM {schema}.collections old
+    WHERE c.id = %(collection)s AND old.id = c.id
+    RETURNING c.id, (c.bm25_k1, c.bm25_b) IS DISTINCT FROM (old.bm25_k1, old.bm25_b) AS resort
+)
+INSERT INTO {schema}.bm25_totals (collection_id, documents, tokens)
+SELECT u.id, 0, 0 FROM updated u WHERE u.resort;
 
 -- name: create_space
 INSERT INTO {schema}.spaces (collection_id, state, provider, model, model_key, dimensions,
@@ -19,7 +37,8 @@ RETURNING id;
 -- Every collection (or one by name) with its live spaces and (when asked: it reads every
 -- document of the collection) its document counts.
 SELECT c.id, c.name, c.distance, c.chunk_size, c.chunk_overlap, c.title_prefix,
-       c.language::text AS language, c.created_at,
+       c.language::text AS language, c.created_at, c.bm25_k1, c.bm25_b, c.fusion,
+       c.fusion_alpha, c.rrf_k,
        (SELECT to_jsonb(s) FROM {schema}.spaces s
         WHERE s.collection_id = c.id AND s.state = 'active') AS active,
        (SELECT to_jsonb(s) FROM {schema}.spaces s
